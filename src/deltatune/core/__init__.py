@@ -1,0 +1,1 @@
+"""deltatune's core: the delta contract, registry, targeting, hosts, routing and PEFT-format io."""

@@ -1,0 +1,130 @@
+"""The contract every method implements: a `Delta` is one adapter's parameters on one host module.
+
+A method subclasses `Delta` and provides:
+
+- `forward(x, y, host) -> Tensor`: the host's output `y` (for input `x`) with this delta applied. Several active
+  deltas on one host are applied in turn, each receiving the output of the previous one. Weight-space methods return
+  `y + x·ΔWᵀ` (possibly computed in factored form); activation-space methods (bottleneck adapters, ReFT, ...) may
+  transform `y` any way they like — the core never assumes a delta is a weight.
+- `delta_weight(host) -> Tensor | None`: ΔW in the host weight's own layout when the update can be written as a weight
+  (and `delta_bias(host)` for a bias update). Merge, unmerge, weighted arithmetic, conversion to LoRA, analysis and
+  export are built on this alone. Deltas that leave it as None are simply not mergeable.
+- `per_row(deltas, slots, x, y, host, cache)` (classmethod, optional): apply several deltas of this class to one
+  batch, row `i` getting `deltas[slots[i]]` (or nothing where `slots[i] < 0`). Override it with a gathered
+  (bmm/einsum) kernel; the inherited version runs each delta on its own rows only.
+- `num_parameters(config, info, path)` (classmethod): the paper's parameter-count formula, checked against the real
+  count by the test matrix.
+- `setup(host)` (optional): initialisation that needs the base weight (DoRA's magnitude, SVD-based inits).
+- `state_tensors(host)` / `load_state_tensors(tensors, host)`: the on-disk tensors, keyed by the suffix that follows
+  the module path in the file (PEFT names for methods PEFT knows).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .errors import DeltatuneError
+from .hosts import HostInfo, per_channel
+
+if TYPE_CHECKING:
+    from .slot import Host
+
+
+class Delta(nn.Module):
+    """Base class of all deltas. Subclasses set the class attributes and implement the contract above.
+
+    Class attributes:
+        identity_at_init: the default init leaves the host's output unchanged.
+        fast_parameters: parameter names that LoRA+ gives the higher learning rate (the "B" side).
+        frozen_parameters: parameter names that never train (e.g. LoRA-FA's A).
+        uses_base_weight: delta_weight depends on the base weight (DoRA, OFT, ...), so merging keeps a copy of
+            what it added in order to unmerge exactly.
+    """
+
+    identity_at_init: ClassVar[bool] = True
+    fast_parameters: ClassVar[tuple[str, ...]] = ()
+    frozen_parameters: ClassVar[tuple[str, ...]] = ()
+    uses_base_weight: ClassVar[bool] = False
+
+    def __init__(self, config: Any, info: HostInfo, path: str) -> None:
+        super().__init__()
+        self.config = config
+        self.info = info
+        self.path = path
+
+    # ---- the contract -------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, y: Tensor, host: "Host") -> Tensor:
+        """Default for weight-space deltas: y + host_op(x, ΔW) (+ Δb)."""
+        weight = self.delta_weight(host)
+        if weight is None:
+            raise NotImplementedError(f"{type(self).__name__} must implement forward or delta_weight")
+        out = y + host.apply(x.to(weight.dtype), weight).to(y.dtype)
+        bias = self.delta_bias(host)
+        if bias is not None:
+            out = out + per_channel(self.info, bias.to(y.dtype), out.ndim)
+        return out
+
+    def delta_weight(self, host: "Host") -> Tensor | None:
+        """ΔW in the host weight's layout, or None when the update is not a weight."""
+        return None
+
+    def delta_bias(self, host: "Host") -> Tensor | None:
+        """Δb of shape (out_features,), or None."""
+        return None
+
+    @classmethod
+    def per_row(
+        cls, deltas: list["Delta"], slots: Tensor, x: Tensor, y: Tensor, host: "Host", cache: dict
+    ) -> Tensor:
+        """Grouped fallback: each delta runs on the rows routed to it, the other rows pass through."""
+        out = y
+        for k, delta in enumerate(deltas):
+            rows = (slots == k).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            part = delta(x.index_select(0, rows), y.index_select(0, rows), host.select_rows(rows))
+            out = out.index_copy(0, rows, part)
+        return out
+
+    def setup(self, host: "Host") -> None:
+        """Called once after the delta is placed on its host; for inits that read the base weight."""
+
+    @classmethod
+    def num_parameters(cls, config: Any, info: HostInfo, path: str) -> int:
+        """Trainable parameters this delta has on a host, from the paper's formula."""
+        raise NotImplementedError(f"{cls.__name__} must give its parameter-count formula")
+
+    # ---- serialisation ------------------------------------------------------------------------------------------
+    def state_tensors(self, host: "Host") -> dict[str, Tensor]:
+        """On-disk tensors by key suffix. Default: every parameter and persistent buffer under its own name."""
+        return {name: t.detach() for name, t in self.state_dict().items()}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor], host: "Host") -> None:
+        """Inverse of `state_tensors`; keys and shapes were checked by the caller against `state_tensors(host)`."""
+        own = self.state_dict()
+        with torch.no_grad():
+            for name, value in tensors.items():
+                own[name].copy_(value)
+
+    # ---- helpers for subclasses ---------------------------------------------------------------------------------
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if n not in self.frozen_parameters]
+
+    def check_rank(self, r: int, limit: int | None = None) -> None:
+        if r <= 0:
+            raise DeltatuneError(f"{self.config.method}: rank must be > 0 at {self.path!r}, got {r}")
+        if limit is not None and r > limit:
+            raise DeltatuneError(f"{self.config.method}: rank {r} exceeds {limit} at {self.path!r}; lower r")
+
+
+def is_mergeable(delta_cls: type[Delta]) -> bool:
+    """A method can merge iff it says how to write its update as a weight."""
+    return delta_cls.delta_weight is not Delta.delta_weight
+
+
+def mixed_batch_path(delta_cls: type[Delta]) -> str:
+    """'gathered' when the method has its own per-row kernel, else 'grouped'."""
+    return "gathered" if delta_cls.per_row.__func__ is not Delta.per_row.__func__ else "grouped"

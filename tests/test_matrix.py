@@ -1,0 +1,193 @@
+"""The generic test matrix: every registered method × every toy model, checking the contract.
+
+Adding a method adds one line to MATRIX (its id and test config); `test_every_method_has_a_row` enforces it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import deltatune
+from deltatune.core.hosts import host_kind
+from deltatune.core.slot import slots_of
+from toys import BATCH, TOYS, make, perturb, run
+
+# (row id, method, config fields). One line per method (or per notable option set).
+MATRIX = [
+    ("lora", "lora", {"r": 4, "alpha": 8}),
+    ("lora-bias", "lora", {"r": 3, "alpha": 6, "lora_bias": True, "bias": "lora_only", "exclude": ["emb", "embed_tokens"]}),
+    ("lora-pattern", "lora", {"r": 2, "rank_pattern": {".*1": 5}, "alpha_pattern": {".*1": 3.0}}),
+    ("rslora", "rslora", {"r": 4, "alpha": 8}),
+    ("dora", "dora", {"r": 4, "alpha": 8, "bias": "lora_only"}),
+]
+SNAPSHOTS = Path(__file__).parent / "snapshots" / "keys"
+UPDATE = os.environ.get("DELTATUNE_UPDATE_SNAPSHOTS") == "1"
+
+
+def _targets(model, method: str, model_name: str) -> list[str]:
+    spec = deltatune.get_method(method)
+    modules = dict(model.named_modules())
+    kinds = {p.rsplit(".", 1)[-1]: host_kind(m) for p, m in modules.items() if p}
+    return [t for t in TOYS[model_name][2] if kinds[t] in spec.hosts]
+
+
+def _attach(model, method, fields, model_name, name="default", seed=None):
+    targets = _targets(model, method, model_name)
+    if not targets:
+        pytest.skip(f"{method} adapts none of {model_name}'s layer kinds")
+    deltatune.attach(model, deltatune.config(method, targets=targets, **fields), name=name)
+    if seed is not None:
+        perturb(model, name, seed)
+    return targets
+
+
+CASES = [pytest.param(m, f, toy, id=f"{row}-{toy}") for row, m, f in MATRIX for toy in TOYS]
+
+
+def test_every_method_has_a_row():
+    assert set(deltatune.list_methods()) <= {m for _, m, _ in MATRIX}
+
+
+@pytest.mark.parametrize("method,fields,toy", CASES)
+def test_identity_at_init(method, fields, toy):
+    model, x = make(toy)
+    base = run(model, x)
+    _attach(model, method, fields, toy)
+    if deltatune.get_method(method).delta.identity_at_init:
+        torch.testing.assert_close(run(model, x), base, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method,fields,toy", CASES)
+def test_merge_unmerge(method, fields, toy):
+    model, x = make(toy)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    base = run(model, x)
+    _attach(model, method, fields, toy, seed=0)
+    adapted = run(model, x)
+    assert (adapted - base).abs().max() > 1e-3, "a perturbed adapter must change the output"
+    if not deltatune.get_method(method).mergeable:
+        with pytest.raises(deltatune.DeltatuneError):
+            deltatune.merge(model)
+        return
+    deltatune.merge(model)
+    torch.testing.assert_close(run(model, x), adapted, atol=2e-5, rtol=1e-4)
+    deltatune.unmerge(model)
+    torch.testing.assert_close(run(model, x), adapted, atol=2e-5, rtol=1e-4)
+    for k, v in model.state_dict().items():
+        if ".deltatune." not in k:
+            torch.testing.assert_close(v, base_state[k], atol=1e-6, rtol=0, msg=f"unmerge left {k} changed")
+
+
+@pytest.mark.parametrize("method,fields,toy", CASES)
+def test_safe_merge_refuses_nan(method, fields, toy):
+    model, x = make(toy)
+    _attach(model, method, fields, toy, seed=0)
+    if not deltatune.get_method(method).mergeable:
+        return
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        deltatune.trainable_parameters(model)[-1].fill_(float("nan"))
+    with pytest.raises(deltatune.DeltatuneError, match="NaN"):
+        deltatune.merge(model, safe=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) or torch.isnan(v).any(), f"{k} changed by a refused merge"
+
+
+@pytest.mark.parametrize("method,fields,toy", CASES)
+def test_save_load_roundtrip(method, fields, toy, tmp_path):
+    model, x = make(toy)
+    _attach(model, method, fields, toy, seed=0)
+    adapted = run(model, x)
+    deltatune.save(model, tmp_path / "a")
+    fresh, _ = make(toy)
+    deltatune.load(fresh, tmp_path / "a")
+    torch.testing.assert_close(run(fresh, x), adapted, atol=1e-6, rtol=0)
+    assert deltatune.adapters(fresh)["default"] == deltatune.adapters(model)["default"]
+
+
+@pytest.mark.parametrize("method,fields,toy", CASES)
+def test_only_delta_parameters_train(method, fields, toy):
+    model, x = make(toy)
+    _attach(model, method, fields, toy, seed=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".deltatune." in n for n in trainable)
+    assert len(deltatune.trainable_parameters(model)) == len(trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    opt = torch.optim.SGD(deltatune.trainable_parameters(model), lr=0.1)
+    out = model(x)
+    out = out.logits if hasattr(out, "logits") else out
+    out.pow(2).mean().backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable, f"base parameters changed: {sorted(changed - trainable)}"
+
+
+@pytest.mark.parametrize("method,fields,toy", CASES)
+def test_disable_gives_base(method, fields, toy):
+    model, x = make(toy)
+    base = run(model, x)
+    _attach(model, method, fields, toy, seed=0)
+    adapted = run(model, x)
+    with deltatune.use(model, None):
+        torch.testing.assert_close(run(model, x), base, atol=1e-6, rtol=0)
+    torch.testing.assert_close(run(model, x), adapted, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method,fields,toy", CASES)
+def test_per_sample_equals_rows_alone(method, fields, toy):
+    model, x = make(toy)
+    _attach(model, method, fields, toy, name="a", seed=0)
+    _attach(model, method, fields, toy, name="b", seed=1)
+    names = ["a", None, "b"][:BATCH]
+    with deltatune.per_sample(model, names):
+        mixed = run(model, x)
+    for i, name in enumerate(names):
+        with deltatune.use(model, name):
+            alone = run(model, x[i : i + 1])
+        torch.testing.assert_close(mixed[i : i + 1], alone, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method,fields,toy", CASES)
+def test_parameter_count_formula(method, fields, toy):
+    model, _ = make(toy)
+    _attach(model, method, fields, toy)
+    spec = deltatune.get_method(method)
+    config = deltatune.adapters(model)["default"]
+    formula = sum(spec.delta.num_parameters(config, slot.info, path) for path, _, slot in slots_of(model))
+    actual = sum(p.numel() for p in deltatune.trainable_parameters(model))
+    assert actual == formula
+
+
+@pytest.mark.parametrize("method,fields,toy", CASES)
+def test_saved_key_names_are_stable(method, fields, toy, tmp_path):
+    from safetensors import safe_open
+
+    model, _ = make(toy)
+    _attach(model, method, fields, toy)
+    deltatune.save(model, tmp_path / "a")
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), "pt") as f:
+        keys = sorted(f"{k} {tuple(f.get_slice(k).get_shape())}" for k in f.keys())
+    row = next(r for r, m, fl in MATRIX if m == method and fl == fields)
+    snap = SNAPSHOTS / f"{row}-{toy}.txt"
+    if UPDATE:
+        snap.write_text("\n".join(keys) + "\n")
+    assert snap.exists(), f"no key snapshot {snap.name}; run with DELTATUNE_UPDATE_SNAPSHOTS=1 once"
+    assert snap.read_text().splitlines() == keys
+
+
+@pytest.mark.parametrize("method,fields,toy", CASES)
+def test_detach_gives_plain_model(method, fields, toy):
+    model, x = make(toy)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    base = run(model, x)
+    _attach(model, method, fields, toy, seed=0)
+    deltatune.detach(model)
+    assert not slots_of(model) and not hasattr(model, "_deltatune_state")
+    assert all(not m._forward_hooks for m in model.modules())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    torch.testing.assert_close(run(model, x), base, atol=0, rtol=0)
