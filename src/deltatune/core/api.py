@@ -33,7 +33,8 @@ def attach_at(model: nn.Module, config: DeltaConfig, paths: Sequence[str], name:
     state = get_state(model)
     if state is not None and name in state.adapters:
         raise DeltatuneError(f"an adapter named {name!r} is already attached; pick another name or delete it first")
-    if state is None:
+    fresh = state is None
+    if fresh:
         state = RoutingState()
         state.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         setattr(model, STATE_ATTR, state)
@@ -41,8 +42,10 @@ def attach_at(model: nn.Module, config: DeltaConfig, paths: Sequence[str], name:
     try:
         for path in paths:
             _add_delta(spec, config, modules[path], path, name, state)
-    except Exception:
+    except BaseException:
         _remove_adapter(model, name, state)
+        if fresh:
+            delattr(model, STATE_ATTR)
         raise
     for n, p in model.named_parameters():
         if f".{SLOT_ATTR}." not in f".{n}":
@@ -134,7 +137,11 @@ def _known(state: RoutingState, names: Iterable[str | None]) -> None:
 
 
 def _merged(model: nn.Module) -> set[str]:
-    return {n for _, _, slot in slots_of(model) for n in slot.merged_names}
+    return require_state(model).merged
+
+
+def _record_merged(model: nn.Module, state: RoutingState) -> None:
+    state.merged = {n for _, _, slot in slots_of(model) for n in slot.merged_names}
 
 
 class use:
@@ -216,6 +223,7 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool
         for n in todo:
             if n in slot:
                 slot.merge(module, n)
+    _record_merged(model, state)
     state.reset_plans()
     return model
 
@@ -255,14 +263,19 @@ def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> nn.Mo
     wanted = None if names is None else set([names] if isinstance(names, str) else names)
     if wanted is not None:
         _known(state, wanted)
-    for _, module, slot in slots_of(model):
+    targets = slots_of(model)
+    for _, _, slot in targets:  # check everything before changing anything
+        order = [n for n, _, _ in slot.merged]
+        tail = order[len(order) - len(wanted & set(order)):] if wanted is not None else order
+        if wanted is not None and set(tail) != wanted & set(order):
+            raise DeltatuneError(
+                f"at {slot.path!r}, {sorted(wanted & set(order))} were merged before {order[-1]!r}; "
+                "unmerge in reverse order of merging (or unmerge all)"
+            )
+    for _, module, slot in targets:
         while slot.merged and (wanted is None or slot.merged[-1][0] in wanted):
             slot.unmerge_last(module)
-        if wanted is not None and wanted & slot.merged_names:
-            raise DeltatuneError(
-                f"at {slot.path!r}, {sorted(wanted & slot.merged_names)} were merged before other adapters; "
-                "unmerge in reverse order (or unmerge all)"
-            )
+    _record_merged(model, state)
     state.reset_plans()
     return model
 

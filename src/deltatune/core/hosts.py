@@ -152,16 +152,6 @@ def apply_weight(module: nn.Module, info: HostInfo, x: Tensor, weight: Tensor) -
     return module._conv_forward(x, weight, None)
 
 
-def channels_last(info: HostInfo, y: Tensor) -> Tensor:
-    """Move the out-features dimension of a host output to the end (a view)."""
-    return y.movedim(1, -1) if info.channel_dim == 1 else y
-
-
-def channels_back(info: HostInfo, y: Tensor) -> Tensor:
-    """Inverse of `channels_last`."""
-    return y.movedim(-1, 1) if info.channel_dim == 1 else y
-
-
 def per_channel(info: HostInfo, vector: Tensor, ndim: int) -> Tensor:
     """Shape an (out_features,) vector to broadcast against a host output with `ndim` dims."""
     if info.channel_dim == 1:

@@ -45,9 +45,7 @@ def atomic_write_files(directory: str | os.PathLike, files: dict[str, bytes]) ->
     A new directory appears all at once (written beside it, then renamed); in an existing one each file is written
     to a temp name, fsynced and renamed over the old one.
     """
-    target = Path(directory)
-    if target.exists() and not target.is_dir():
-        raise DeltatuneError(f"cannot save to {str(target)!r}: it exists and is not a directory")
+    target = check_output_dir(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists():
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -68,6 +66,21 @@ def atomic_write_files(directory: str | os.PathLike, files: dict[str, bytes]) ->
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+    return target
+
+
+def check_output_dir(directory: str | os.PathLike) -> Path:
+    """A path we can create or write a directory at, or one clear error (checked before any work is done)."""
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise DeltatuneError(f"cannot write to {str(target)!r}: it exists and is not a directory; choose another path")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DeltatuneError(f"cannot write to {str(target)!r}: {str(parent)!r} is a file, not a directory")
+            if not os.access(parent, os.W_OK):
+                raise DeltatuneError(f"cannot write to {str(target)!r}: {str(parent)!r} is not writable")
+            break
     return target
 
 
@@ -202,13 +215,16 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     config = config_from_adapter_json(raw, str(directory))
     spec = spec_of(config)
     by_path = _group_by_module(model, tensors, spec, str(directory))
+    routing = (state.active, state.rows) if state is not None else None
     attach_at(model, config, sorted(by_path), name)
     try:
         _fill(model, name, by_path, str(directory))
     except BaseException:
         delete(model, name)
-        if not get_state(model).adapters:
+        if routing is None:
             detach(model)  # the state was created by this load: leave no trace
+        else:
+            state.active, state.rows = routing
         raise
     if not trainable:
         for _, _, slot in slots_of(model):

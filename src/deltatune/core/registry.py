@@ -116,7 +116,7 @@ def get_method(name: str) -> MethodSpec:
 
 
 def config(method: str, **fields: Any) -> DeltaConfig:
-    """A method's config from its name: `deltatune.config("lora", r=8, alpha=16, targets=["q_proj"])`."""
+    """A method's config from its name and fields, e.g. `deltatune.config(<method>, r=8, targets=["q_proj"])`."""
     spec = get_method(method)
     check_field_names(spec.config, fields)
     return spec.config(**fields)
@@ -133,6 +133,6 @@ def config_from_dict(data: dict[str, Any]) -> DeltaConfig:
 def spec_of(cfg: DeltaConfig) -> MethodSpec:
     if not isinstance(cfg, DeltaConfig):
         raise DeltatuneError(
-            f"expected a deltatune config (e.g. deltatune.config('lora', r=8)), got {type(cfg).__name__}"
+            f"expected a deltatune config (from deltatune.config(method, ...)), got {type(cfg).__name__}"
         )
     return get_method(cfg.method)

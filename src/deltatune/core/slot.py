@@ -43,6 +43,7 @@ class RoutingState:
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     active: tuple[str, ...] = ()
     rows: tuple[str | None, ...] | None = None
+    merged: set[str] = field(default_factory=set)
     requires_grad_before: dict[str, bool] = field(default_factory=dict)
     plans: dict[Any, list] = field(default_factory=dict)
 
@@ -53,12 +54,23 @@ class RoutingState:
 class Host:
     """What a delta sees of its host during a call: the module, its description, and its *unmerged* base weight."""
 
-    __slots__ = ("module", "slot", "base_out")
+    __slots__ = ("module", "slot", "base_out", "last")
 
     def __init__(self, module: nn.Module, slot: "DeltaSlot", base_out: Tensor | None = None) -> None:
         self.module = module
         self.slot = slot
         self.base_out = base_out  # the module's own output for this call, before any delta
+        self.last = True  # the delta running now is the last one on this host for this call
+
+    def may_overwrite(self, y: Tensor) -> bool:
+        """Whether a delta may add into `y` in place: y is then not needed by anyone else.
+
+        The base layer's fresh output is seen by no other code yet, and Linear / Conv1D / Embedding / Conv do not
+        keep their output for backward; only a later delta on this host may still read it (as `base_out`).
+        Writing in place saves a full-size allocation and two memory passes per adapted layer, which on CPU is
+        most of LoRA's cost at small rank.
+        """
+        return (self.last or y is not self.base_out) and y.is_contiguous()
 
     def select_rows(self, rows: Tensor) -> "Host":
         """This host as seen by a subset of the batch rows."""
@@ -110,21 +122,22 @@ class DeltaSlot(nn.ModuleDict):
         self.merged_names: set[str] = set()
         self.created_bias = False
         self.hook_handle = None
+        self.kernel_cache: dict[type, dict] = {}  # per delta class, kept across routing changes (see per_row)
 
     # ---- the hot path -------------------------------------------------------------------------------------------
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
         state = self.state
         if state.rows is not None:
             return self._per_row(module, _first_input(args, kwargs), output)
+        chain = [d for n in state.active if (d := self._modules.get(n)) is not None and n not in self.merged_names]
+        if not chain:
+            return None
+        x = _first_input(args, kwargs)
+        host = Host(module, self, output)
         y = output
-        host = None
-        for name in state.active:
-            delta = self._modules.get(name)
-            if delta is None or name in self.merged_names:
-                continue
-            if host is None:
-                host = Host(module, self, output)
-            y = delta(_first_input(args, kwargs), y, host)
+        for i, delta in enumerate(chain):
+            host.last = i == len(chain) - 1
+            y = delta(x, y, host)
         return y
 
     def _per_row(self, module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -142,26 +155,25 @@ class DeltaSlot(nn.ModuleDict):
             plan = self._build_plan(rows, batch // len(rows), x.device)
             state.plans[key] = plan
         host = Host(module, self, y)
-        for delta_cls, deltas, slots, cache in plan:
+        for i, (delta_cls, deltas, slots, cache) in enumerate(plan):
+            host.last = i == len(plan) - 1
             y = delta_cls.per_row(deltas, slots, x, y, host, cache)
         return y
 
     def _build_plan(self, rows: tuple[str | None, ...], repeat: int, device: torch.device) -> list:
-        """Group the deltas named in `rows` by class; one slot index per row (-1: not this group)."""
-        groups: dict[type, tuple[list[Delta], dict[str, int]]] = {}
-        for name in rows:
-            delta = self._modules.get(name) if name is not None else None
-            if delta is not None:
-                deltas, index = groups.setdefault(type(delta), ([], {}))
-                if name not in index:
-                    index[name] = len(deltas)
-                    deltas.append(delta)
+        """One entry per delta class routed to in `rows`: (class, every delta of that class on this host, the
+        slot of each row in that list or -1, a per-plan cache). Listing every delta of the class, not only the
+        routed ones, lets a method keep its stacked factors across routing changes (`kernel_cache`)."""
+        routed = {type(self._modules[n]) for n in rows if n is not None and n in self._modules}
         plan = []
-        for delta_cls, (deltas, index) in groups.items():
+        for delta_cls in routed:
+            names = [n for n, d in self._modules.items() if type(d) is delta_cls]
+            index = {n: i for i, n in enumerate(names)}
             slots = torch.tensor([index.get(n, -1) if n is not None else -1 for n in rows], device=device)
             if repeat > 1:  # generate() expands rows with repeat_interleave (beams, num_return_sequences)
                 slots = slots.repeat_interleave(repeat)
-            plan.append((delta_cls, deltas, slots, {}))
+            cache = {"kernel_cache": self.kernel_cache.setdefault(delta_cls, {})}
+            plan.append((delta_cls, [self._modules[n] for n in names], slots, cache))
         return plan
 
     # ---- merging ------------------------------------------------------------------------------------------------

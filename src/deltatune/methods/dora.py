@@ -18,10 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from ..core.errors import DeltatuneError
-from ..core.hosts import CONV_KINDS, HostInfo, channels_back, channels_last, from_matrix, per_channel, to_matrix
+from ..core.delta import Delta
+from ..core.hosts import CONV_KINDS, HostInfo, from_matrix, per_channel, to_matrix
 from ..core.registry import register_method
 from ..core.slot import Host
-from .lora import LoraConfig, LoraDelta, lora_matrix
+from .lora import LoraConfig, LoraDelta, gatherable, lora_matrix, rows_per_channel
 from .lora_peft import lora_peft_format
 
 
@@ -77,8 +78,8 @@ class DoraDelta(LoraDelta):
 
     @classmethod
     def per_row(cls, deltas, slots, x, y, host, cache):
-        if host.info.kind in CONV_KINDS or any(d.training and d.dropout for d in deltas):
-            return super(LoraDelta, cls).per_row(deltas, slots, x, y, host, cache)
+        if not gatherable(deltas, host):
+            return Delta.per_row.__func__(cls, deltas, slots, x, y, host, cache)
         lora, bias = cls.gathered_output(deltas, slots, x, host, cache)
         ks = cache.get("dora_k")
         if ks is None:
@@ -86,11 +87,11 @@ class DoraDelta(LoraDelta):
             ks = torch.stack([d.rescale(host) for d in deltas] + [one])
             if not torch.is_grad_enabled():
                 cache["dora_k"] = ks
-        k = ks[torch.where(slots < 0, len(deltas), slots)]  # (batch, out)
-        k = k.view(k.shape[0], *([1] * (lora.ndim - 2)), k.shape[1])
-        base = channels_last(host.info, host.base_output(x))
-        out = (k - 1) * base + k * lora + (0 if bias is None else bias.view(k.shape))
-        return y + channels_back(host.info, out).to(y.dtype)
+        k = rows_per_channel(host.info, ks[torch.where(slots < 0, len(deltas), slots)], lora.ndim)
+        out = (k - 1) * host.base_output(x).to(lora.dtype) + k * lora
+        if bias is not None:
+            out = out + rows_per_channel(host.info, bias, lora.ndim)
+        return y + out.to(y.dtype)
 
     def state_tensors(self, host: Host) -> dict[str, Tensor]:
         out = super().state_tensors(host)

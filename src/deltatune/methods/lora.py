@@ -141,17 +141,20 @@ class LoraDelta(Delta):
                 nn.init.zeros_(self.lora_B)
 
     # ---- math ---------------------------------------------------------------------------------------------------
+    def down(self, x: Tensor, host: Host) -> Tensor:
+        """A(x): (..., r) for Linear / Conv1D / Embedding, (batch, r, *spatial) for convolutions."""
+        if self.info.kind == "embedding":
+            return host.apply(x, self.lora_A.t())
+        if self.info.kind in CONV_KINDS:
+            return host.module._conv_forward(x.to(self.lora_A.dtype), self.lora_A, None)
+        return F.linear(x.to(self.lora_A.dtype), self.lora_A)
+
     def lora_output(self, x: Tensor, host: Host) -> Tensor:
         """s·B(A(x)) in the host's output layout (x already dropped out), without bias terms."""
-        kind = self.info.kind
-        if kind == "embedding":
-            h = host.apply(x, self.lora_A.t())
-            return F.linear(h, self.lora_B) * self.scaling
-        if kind in CONV_KINDS:
-            h = host.module._conv_forward(x.to(self.lora_A.dtype), self.lora_A, None)
+        h = self.down(x, host)
+        if self.info.kind in CONV_KINDS:
             conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.info.kernel_size) - 1]
             return conv(h, self.lora_B) * self.scaling
-        h = F.linear(x.to(self.lora_A.dtype), self.lora_A)
         return F.linear(h, self.lora_B) * self.scaling
 
     def dropped(self, x: Tensor) -> Tensor:
@@ -160,9 +163,17 @@ class LoraDelta(Delta):
         return x
 
     def forward(self, x: Tensor, y: Tensor, host: Host) -> Tensor:
-        out = y + self.lora_output(self.dropped(x), host).to(y.dtype)
         bias = self.delta_bias(host)
-        return out if bias is None else out + per_channel(self.info, bias.to(y.dtype), out.ndim)
+        if self.info.kind in CONV_KINDS or y.dtype != self.lora_A.dtype:
+            out = y + self.lora_output(self.dropped(x), host).to(y.dtype)
+            return out if bias is None else out + per_channel(self.info, bias.to(y.dtype), out.ndim)
+        # y + s·h·Bᵀ as one fused addmm, in place when allowed (see Host.may_overwrite).
+        h = self.down(self.dropped(x), host).reshape(-1, self.r)
+        flat = y.view(-1, y.shape[-1]) if host.may_overwrite(y) else y.reshape(-1, y.shape[-1]).clone()
+        flat.addmm_(h, self.lora_B.t(), alpha=self.scaling)
+        if bias is not None:
+            flat.add_(bias)
+        return flat.view(y.shape)
 
     def delta_weight(self, host: Host) -> Tensor:
         return from_matrix(self.info, lora_matrix(self.lora_A, self.lora_B, self.scaling))
@@ -211,34 +222,96 @@ class LoraDelta(Delta):
     # ---- mixed batches: one gathered bmm per host, whatever the number of adapters ------------------------------
     @classmethod
     def per_row(cls, deltas, slots, x, y, host, cache):
-        if host.info.kind in CONV_KINDS or any(d.training and d.dropout for d in deltas):
+        if not gatherable(deltas, host):
             return super().per_row(deltas, slots, x, y, host, cache)
-        lora, bias = cls.gathered_output(deltas, slots, x, host, cache)
+        if host.info.kind in CONV_KINDS or y.dtype != deltas[0].lora_A.dtype:
+            lora, bias = cls.gathered_output(deltas, slots, x, host, cache)
+            if bias is not None:
+                lora = lora + rows_per_channel(host.info, bias, lora.ndim)
+            return y + lora.to(y.dtype)
+        # y + h·B_rowᵀ as one batched baddbmm, in place when allowed.
+        h, b_rows, bias = cls.gathered_factors(deltas, slots, x, host, cache)
+        batch = y.shape[0]
+        flat = y.view(batch, -1, y.shape[-1]) if host.may_overwrite(y) else y.reshape(batch, -1, y.shape[-1]).clone()
+        flat.baddbmm_(h, b_rows.transpose(1, 2))
         if bias is not None:
-            lora = lora + bias.view(bias.shape[0], *([1] * (lora.ndim - 2)), bias.shape[1])
-        return y + lora.to(y.dtype)
+            flat.add_(bias.unsqueeze(1))
+        return flat.view(y.shape)
+
+    @classmethod
+    def gathered_factors(cls, deltas, slots, x, host, cache) -> tuple[Tensor, Tensor, Tensor | None]:
+        """For Linear / Conv1D / Embedding: per-row A(x) (batch, tokens, r), per-row s·B (batch, out, r) and
+        per-row Δb (batch, out) | None. Rows whose slot is -1 use an all-zero slot.
+
+        The work is a gather and a batched matmul, proportional to the batch whatever the number of adapters.
+        """
+        idx, a, a_rows, b_rows, bias_rows = _row_factors(deltas, slots, host, cache)
+        batch, rank = x.shape[0], a.shape[1]
+        if host.info.kind == "embedding":
+            table = a.transpose(1, 2).reshape(-1, rank)  # ((K+1)·vocab, r)
+            h = F.embedding(x + (idx * host.info.in_features).view(batch, *([1] * (x.ndim - 1))), table)
+        else:
+            h = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(a.dtype), a_rows.transpose(1, 2))
+        return h.reshape(batch, -1, rank), b_rows, bias_rows
 
     @classmethod
     def gathered_output(cls, deltas, slots, x, host, cache) -> tuple[Tensor, Tensor | None]:
-        """Per-row s·B(A(x)) (batch, ..., out) and per-row Δb (batch, out) | None; rows with slot -1 get zeros."""
-        stack = cache.get("lora_stack")
-        if stack is None:
-            stack = _stack(deltas, host)
-            if not torch.is_grad_enabled():  # parameters may change between training steps
-                cache["lora_stack"] = stack
-        a, b, bias = stack
-        idx = torch.where(slots < 0, len(deltas), slots)
-        batch = x.shape[0]
-        if host.info.kind == "embedding":
-            vocab = host.info.in_features
-            table = a.transpose(1, 2).reshape(-1, a.shape[1])  # ((K+1)·vocab, r)
-            h = F.embedding(x + (idx * vocab).view(batch, *([1] * (x.ndim - 1))), table)
-            lead = x.shape
-        else:
-            h = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(a.dtype), a[idx].transpose(1, 2))
-            lead = x.shape[:-1]
-        out = torch.bmm(h.reshape(batch, -1, a.shape[1]), b[idx].transpose(1, 2))  # (batch, tokens, out)
-        return out.reshape(*lead, -1), (None if bias is None else bias[idx])
+        """Per-row s·B(A(x)) in the host's output layout and per-row Δb (batch, out) | None."""
+        info = host.info
+        if info.kind not in CONV_KINDS:
+            h, b_rows, bias_rows = cls.gathered_factors(deltas, slots, x, host, cache)
+            out = torch.bmm(h, b_rows.transpose(1, 2))
+            lead = x.shape if info.kind == "embedding" else x.shape[:-1]
+            return out.reshape(*lead, -1), bias_rows
+        _, a, a_rows, b_rows, bias_rows = _row_factors(deltas, slots, host, cache)
+        batch, rank, module = x.shape[0], a.shape[1], host.module
+        # Grouped convolutions with one group per row: each row convolved with its own adapter's factors.
+        conv = (F.conv1d, F.conv2d, F.conv3d)[len(info.kernel_size) - 1]
+        a_rows = a_rows.reshape(batch * rank, info.in_features, *info.kernel_size)
+        h = conv(x.reshape(1, -1, *x.shape[2:]).to(a.dtype), a_rows, None, module.stride, module.padding,
+                 module.dilation, batch)  # (1, batch·r, *spatial)
+        b_rows = b_rows.reshape(batch * info.out_features, rank, *([1] * len(info.kernel_size)))
+        out = conv(h, b_rows, None, 1, 0, 1, batch)
+        return out.reshape(batch, info.out_features, *out.shape[2:]), bias_rows
+
+
+def gatherable(deltas: list["LoraDelta"], host: Host) -> bool:
+    """The gathered kernel covers inference and dropout-free training; else each adapter runs on its rows."""
+    if any(d.training and d.dropout for d in deltas):
+        return False
+    return host.info.kind not in CONV_KINDS or host.module.padding_mode == "zeros"
+
+
+def rows_per_channel(info: HostInfo, rows: Tensor, ndim: int) -> Tensor:
+    """Shape per-row vectors (batch, out) to broadcast against a host output with `ndim` dims."""
+    if info.channel_dim == 1:
+        return rows.view(*rows.shape, *([1] * (ndim - 2)))
+    return rows.view(rows.shape[0], *([1] * (ndim - 2)), rows.shape[1])
+
+
+def _row_factors(deltas: list[LoraDelta], slots: Tensor, host: Host, cache: dict) -> tuple:
+    """(slot per row, stacked A, A per row, s·B per row, Δb per row | None).
+
+    Without gradients they are cached: the stack across routing changes (keyed by the deltas and their parameters'
+    version counters, so a load or an optimizer step invalidates it), the per-row gathers for this routing.
+    While training, parameters change between steps and everything is rebuilt inside the graph.
+    """
+    rows = cache.get("lora_rows")
+    if rows is not None:
+        return rows
+    if torch.is_grad_enabled():
+        a, b, bias = _stack(deltas, host)
+    else:
+        store = cache["kernel_cache"]
+        key = tuple((id(d), *(p._version for p in d.parameters())) for d in deltas)
+        if store.get("key") != key:
+            store["key"], store["stack"] = key, _stack(deltas, host)
+        a, b, bias = store["stack"]
+    idx = torch.where(slots < 0, len(deltas), slots)
+    rows = (idx, a, a[idx], b[idx], None if bias is None else bias[idx])
+    if not torch.is_grad_enabled():
+        cache["lora_rows"] = rows
+    return rows
 
 
 def _stack(deltas: list[LoraDelta], host: Host) -> tuple[Tensor, Tensor, Tensor | None]:
