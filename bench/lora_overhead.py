@@ -88,7 +88,7 @@ def _train(base, repeats, targets, label):
 
 
 def run(quick: bool = False) -> dict:
-    repeats = 3 if quick else 9
+    repeats = 3 if quick else 15
     base = smollm2_shaped()
     x = torch.randint(0, 49152, (ROWS, TOKENS), generator=torch.Generator().manual_seed(1))
     results = {
