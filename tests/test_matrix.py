@@ -1,6 +1,6 @@
 """The generic test matrix: every registered method × every toy model, checking the contract.
 
-Adding a method adds one line to MATRIX (its id and test config); `test_every_method_has_a_row` enforces it.
+Adding a method adds one line to its family's ROWS in tests/matrix_rows/; `test_every_method_has_a_row` enforces it.
 """
 
 from __future__ import annotations
@@ -16,14 +16,9 @@ from deltatune.core.hosts import host_kind
 from deltatune.core.slot import slots_of
 from toys import BATCH, TOYS, make, perturb, run
 
-# (row id, method, config fields). One line per method (or per notable option set).
-MATRIX = [
-    ("lora", "lora", {"r": 4, "alpha": 8}),
-    ("lora-bias", "lora", {"r": 3, "alpha": 6, "lora_bias": True, "bias": "lora_only", "exclude": ["emb", "embed_tokens"]}),
-    ("lora-pattern", "lora", {"r": 2, "rank_pattern": {".*1": 5}, "alpha_pattern": {".*1": 3.0}}),
-    ("rslora", "rslora", {"r": 4, "alpha": 8}),
-    ("dora", "dora", {"r": 4, "alpha": 8, "bias": "lora_only"}),
-]
+from matrix_rows import collect_rows
+
+MATRIX = collect_rows()  # one line per method (or notable option set), in tests/matrix_rows/<family>.py
 SNAPSHOTS = Path(__file__).parent / "snapshots" / "keys"
 UPDATE = os.environ.get("DELTATUNE_UPDATE_SNAPSHOTS") == "1"
 

@@ -15,11 +15,12 @@ class MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.lin0 = nn.Linear(10, 20)
+        self.norm = nn.LayerNorm(20)
         self.lin1 = nn.Linear(20, 20, bias=False)
         self.lin2 = nn.Linear(20, 3)
 
     def forward(self, x):
-        return self.lin2(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
+        return self.lin2(torch.relu(self.lin1(self.norm(torch.relu(self.lin0(x))))))
 
 
 class ConvNet(nn.Module):
@@ -63,12 +64,12 @@ def tiny_gpt2() -> nn.Module:
 
 # name -> (builder, input maker, modules to target: every host kind the model has)
 TOYS = {
-    "mlp": (MLP, lambda g: torch.randn(BATCH, 10, generator=g), ["lin0", "lin1", "lin2"]),
+    "mlp": (MLP, lambda g: torch.randn(BATCH, 10, generator=g), ["lin0", "lin1", "lin2", "norm"]),
     "conv": (ConvNet, lambda g: torch.randn(BATCH, 3, 6, 6, generator=g), ["conv2d", "conv1d", "head"]),
     "emb": (EmbNet, lambda g: torch.randint(0, 30, (BATCH, 7), generator=g), ["emb", "proj"]),
     "llama": (tiny_llama, lambda g: torch.randint(0, 64, (BATCH, 6), generator=g),
-              ["embed_tokens", "q_proj", "v_proj", "down_proj"]),
-    "gpt2": (tiny_gpt2, lambda g: torch.randint(0, 64, (BATCH, 6), generator=g), ["c_attn", "c_proj", "c_fc"]),
+              ["embed_tokens", "q_proj", "v_proj", "down_proj", "input_layernorm"]),
+    "gpt2": (tiny_gpt2, lambda g: torch.randint(0, 64, (BATCH, 6), generator=g), ["c_attn", "c_proj", "c_fc", "ln_1"]),
 }
 
 

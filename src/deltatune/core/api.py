@@ -12,7 +12,19 @@ from .config import DeltaConfig
 from .errors import DeltatuneError, one_of
 from .hosts import host_info, module_dtype_for_delta, read_base_weight
 from .registry import MethodSpec, spec_of
-from .slot import STATE_ATTR, SLOT_ATTR, AdapterRecord, DeltaSlot, Host, RoutingState, get_state, require_state, slots_of
+from .slot import (
+    SHARED_ATTR,
+    SLOT_ATTR,
+    STATE_ATTR,
+    AdapterRecord,
+    DeltaSlot,
+    Host,
+    RoutingState,
+    get_state,
+    is_delta_parameter,
+    require_state,
+    slots_of,
+)
 from .targeting import find_targets
 
 
@@ -40,15 +52,16 @@ def attach_at(model: nn.Module, config: DeltaConfig, paths: Sequence[str], name:
         setattr(model, STATE_ATTR, state)
     modules = dict(model.named_modules())
     try:
+        shared = _make_shared(model, spec, config, {p: host_info(modules[p], p) for p in paths}, name)
         for path in paths:
-            _add_delta(spec, config, modules[path], path, name, state)
+            _add_delta(spec, config, modules[path], path, name, state, shared)
     except BaseException:
         _remove_adapter(model, name, state)
         if fresh:
             delattr(model, STATE_ATTR)
         raise
     for n, p in model.named_parameters():
-        if f".{SLOT_ATTR}." not in f".{n}":
+        if not is_delta_parameter(n):
             p.requires_grad_(False)
     state.adapters[name] = AdapterRecord(config, list(paths))
     state.active = (name,)
@@ -57,12 +70,29 @@ def attach_at(model: nn.Module, config: DeltaConfig, paths: Sequence[str], name:
     return model
 
 
+def _make_shared(model: nn.Module, spec: MethodSpec, config: DeltaConfig, infos: dict, name: str) -> nn.Module | None:
+    shared = spec.delta.make_shared(config, infos)
+    if shared is None:
+        return None
+    holder = model._modules.get(SHARED_ATTR)
+    if holder is None:
+        holder = nn.ModuleDict()
+        model.add_module(SHARED_ATTR, holder)
+    first = read_base_weight(dict(model.named_modules())[next(iter(infos))])
+    shared.to(device=first.device, dtype=module_dtype_for_delta(first))
+    for p in shared.parameters():
+        p.requires_grad_(True)
+    holder[name] = shared
+    return shared
+
+
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not name or "." in name or "/" in name:
         raise DeltatuneError(f"adapter name must be a non-empty string without '.' or '/', got {name!r}")
 
 
-def _add_delta(spec: MethodSpec, config: DeltaConfig, module: nn.Module, path: str, name: str, state) -> None:
+def _add_delta(spec: MethodSpec, config: DeltaConfig, module: nn.Module, path: str, name: str, state,
+               shared: nn.Module | None) -> None:
     info = host_info(module, path)
     slot = module._modules.get(SLOT_ATTR)
     if slot is None:
@@ -76,6 +106,8 @@ def _add_delta(spec: MethodSpec, config: DeltaConfig, module: nn.Module, path: s
     delta.to(device=weight.device, dtype=module_dtype_for_delta(weight))
     for pname, p in delta.named_parameters():
         p.requires_grad_(pname not in delta.frozen_parameters)
+    if shared is not None:
+        object.__setattr__(delta, "shared", shared)  # not registered: it is saved and trained once, at the root
     slot[name] = delta
     with torch.no_grad():
         delta.setup(Host(module, slot))
@@ -88,6 +120,12 @@ def _remove_adapter(model: nn.Module, name: str, state: RoutingState) -> None:
         if len(slot) == 0:
             slot.hook_handle.remove()
             del module._modules[SLOT_ATTR]
+    holder = model._modules.get(SHARED_ATTR)
+    if holder is not None:
+        if name in holder:
+            del holder[name]
+        if len(holder) == 0:
+            del model._modules[SHARED_ATTR]
 
 
 def delete(model: nn.Module, name: str) -> nn.Module:
@@ -113,6 +151,7 @@ def detach(model: nn.Module) -> nn.Module:
     for _, module, slot in slots_of(model):
         slot.hook_handle.remove()
         del module._modules[SLOT_ATTR]
+    model._modules.pop(SHARED_ATTR, None)
     for n, p in model.named_parameters():
         p.requires_grad_(state.requires_grad_before.get(n, True))
     delattr(model, STATE_ATTR)
@@ -286,7 +325,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def named_trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and f".{SLOT_ATTR}." in f".{n}"]
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and is_delta_parameter(n)]
 
 
 def set_trainable(model: nn.Module, name: str, trainable: bool = True) -> None:
@@ -298,3 +337,12 @@ def set_trainable(model: nn.Module, name: str, trainable: bool = True) -> None:
             delta = slot[name]
             for pname, p in delta.named_parameters():
                 p.requires_grad_(trainable and pname not in delta.frozen_parameters)
+    shared = shared_of(model, name)
+    if shared is not None:
+        shared.requires_grad_(trainable)
+
+
+def shared_of(model: nn.Module, name: str) -> nn.Module | None:
+    """The adapter-wide module of adapter `name`, if its method has one."""
+    holder = model._modules.get(SHARED_ATTR)
+    return None if holder is None or name not in holder else holder[name]

@@ -15,6 +15,9 @@ A method subclasses `Delta` and provides:
 - `num_parameters(config, info, path)` (classmethod): the paper's parameter-count formula, checked against the real
   count by the test matrix.
 - `setup(host)` (optional): initialisation that needs the base weight (DoRA's magnitude, SVD-based inits).
+- `make_shared(config, hosts)` (classmethod, optional): a module of adapter-wide tensors (a vector bank, shared
+  random bases, a hypernetwork) created once per adapter; every delta of that adapter sees it as `self.shared`.
+  It lives at `model.deltatune_shared[<adapter>]`, so it is saved, moved and trained exactly once.
 - `state_tensors(host)` / `load_state_tensors(tensors, host)`: the on-disk tensors, keyed by the suffix that follows
   the module path in the file (PEFT names for methods PEFT knows).
 """
@@ -48,6 +51,8 @@ class Delta(nn.Module):
     fast_parameters: ClassVar[tuple[str, ...]] = ()
     frozen_parameters: ClassVar[tuple[str, ...]] = ()
     uses_base_weight: ClassVar[bool] = False
+
+    shared: nn.Module | None = None  # set (unregistered) by attach when the method has adapter-wide tensors
 
     def __init__(self, config: Any, info: HostInfo, path: str) -> None:
         super().__init__()
@@ -96,6 +101,24 @@ class Delta(nn.Module):
     def num_parameters(cls, config: Any, info: HostInfo, path: str) -> int:
         """Trainable parameters this delta has on a host, from the paper's formula."""
         raise NotImplementedError(f"{cls.__name__} must give its parameter-count formula")
+
+    @classmethod
+    def make_shared(cls, config: Any, hosts: dict[str, HostInfo]) -> nn.Module | None:
+        """Adapter-wide tensors shared by all this adapter's deltas, or None."""
+        return None
+
+    @classmethod
+    def shared_state_tensors(cls, shared: nn.Module) -> dict[str, Tensor]:
+        """On-disk tensors of the shared module, keyed relative to the file prefix (`base_model.model.`)."""
+        return {f"deltatune_shared.{k}": v.detach() for k, v in shared.state_dict().items()}
+
+    @classmethod
+    def load_shared_state_tensors(cls, shared: nn.Module, tensors: dict[str, Tensor]) -> None:
+        """Inverse of `shared_state_tensors`; keys and shapes were checked by the caller."""
+        own = shared.state_dict()
+        with torch.no_grad():
+            for key, value in tensors.items():
+                own[key[len("deltatune_shared."):]].copy_(value)
 
     # ---- serialisation ------------------------------------------------------------------------------------------
     def state_tensors(self, host: "Host") -> dict[str, Tensor]:

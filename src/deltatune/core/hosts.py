@@ -23,7 +23,8 @@ from .errors import DeltatuneError
 
 LINEAR_KINDS = ("linear", "conv1d_hf")
 CONV_KINDS = ("conv1d", "conv2d", "conv3d")
-ALL_KINDS = ("linear", "conv1d_hf", "embedding", "conv1d", "conv2d", "conv3d")
+WEIGHT_KINDS = ("linear", "conv1d_hf", "embedding", "conv1d", "conv2d", "conv3d")  # hosts with a weight matrix
+ALL_KINDS = (*WEIGHT_KINDS, "norm")
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,18 @@ def host_kind(module: nn.Module) -> str | None:
         return "conv3d"
     if is_hf_conv1d(module):
         return "conv1d_hf"
+    if is_norm(module):
+        return "norm"
     return None
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm / RMSNorm, including model-specific classes (LlamaRMSNorm, ...) with an elementwise weight."""
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return module.weight is not None
+    name = type(module).__name__
+    weight = getattr(module, "weight", None)
+    return name.endswith(("RMSNorm", "LayerNorm")) and isinstance(weight, nn.Parameter) and weight.ndim == 1
 
 
 def host_info(module: nn.Module, path: str = "") -> HostInfo | None:
@@ -91,6 +103,8 @@ def host_info(module: nn.Module, path: str = "") -> HostInfo | None:
         return HostInfo(kind, shape[0], shape[1], (), shape, has_bias, -1)
     if kind == "embedding":
         return HostInfo(kind, module.num_embeddings, module.embedding_dim, (), shape, False, -1)
+    if kind == "norm":
+        return HostInfo(kind, shape[0], shape[0], (), shape, has_bias, -1)
     if module.groups != 1:
         raise DeltatuneError(
             f"module {path!r} is a grouped convolution (groups={module.groups}); deltatune adapts only groups=1 "
@@ -122,7 +136,9 @@ def base_weight_parameter(module: nn.Module) -> nn.Parameter:
 
 
 def to_matrix(info: HostInfo, weight: Tensor) -> Tensor:
-    """Native layout -> matrix view (out_features, fan_in)."""
+    """Native layout -> matrix view (out_features, fan_in); a norm's elementwise weight becomes a column."""
+    if info.kind == "norm":
+        return weight.reshape(-1, 1)
     if info.kind in ("conv1d_hf", "embedding"):
         return weight.t()
     if info.kind in CONV_KINDS:
@@ -132,6 +148,8 @@ def to_matrix(info: HostInfo, weight: Tensor) -> Tensor:
 
 def from_matrix(info: HostInfo, matrix: Tensor) -> Tensor:
     """Matrix view (out_features, fan_in) -> native layout."""
+    if info.kind == "norm":
+        return matrix.reshape(info.weight_shape)
     if info.kind in ("conv1d_hf", "embedding"):
         return matrix.t()
     if info.kind in CONV_KINDS:
@@ -140,7 +158,9 @@ def from_matrix(info: HostInfo, matrix: Tensor) -> Tensor:
 
 
 def apply_weight(module: nn.Module, info: HostInfo, x: Tensor, weight: Tensor) -> Tensor:
-    """The host's own operation with another weight (native layout) and no bias."""
+    """The host's own operation with another weight (native layout) and no bias.
+
+    Norm hosts go through `Host.apply`, which calls the module itself with the weight swapped in."""
     if info.kind == "linear":
         return F.linear(x, weight)
     if info.kind == "conv1d_hf":

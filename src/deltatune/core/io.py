@@ -22,7 +22,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from .. import __version__
-from .api import _known, attach_at, delete, detach
+from .api import _known, attach_at, delete, detach, set_trainable, shared_of
 from .config import DeltaConfig
 from .errors import DeltatuneError
 from .registry import config_from_dict, list_methods, spec_of
@@ -99,6 +99,11 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             host = Host(module, slot)
             for suffix, tensor in slot[name].state_tensors(host).items():
                 out[f"{PREFIX}{path}.{suffix}"] = tensor.detach().to("cpu").contiguous().clone()
+    shared = shared_of(model, name)
+    if shared is not None:
+        delta_cls = spec_of(require_state(model).adapters[name].config).delta
+        for key, tensor in delta_cls.shared_state_tensors(shared).items():
+            out[f"{PREFIX}{key}"] = tensor.detach().to("cpu").contiguous().clone()
     return out
 
 
@@ -214,11 +219,15 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     raw, tensors = read_adapter_dir(directory)
     config = config_from_adapter_json(raw, str(directory))
     spec = spec_of(config)
-    by_path = _group_by_module(model, tensors, spec, str(directory))
+    where = str(directory)
+    by_path, unplaced = _group_by_module(model, tensors, spec, where)
+    paths = (raw.get("deltatune") or {}).get("paths") or sorted(by_path)
+    _check_paths(model, paths, spec, where)
     routing = (state.active, state.rows) if state is not None else None
-    attach_at(model, config, sorted(by_path), name)
+    attach_at(model, config, paths, name)
     try:
-        _fill(model, name, by_path, str(directory))
+        _fill_shared(model, name, spec, unplaced, where)
+        _fill(model, name, by_path, where)
     except BaseException:
         delete(model, name)
         if routing is None:
@@ -227,17 +236,30 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
             state.active, state.rows = routing
         raise
     if not trainable:
-        for _, _, slot in slots_of(model):
-            if name in slot:
-                slot[name].requires_grad_(False)
+        set_trainable(model, name, False)
     return model
 
 
-def _group_by_module(model: nn.Module, tensors: dict[str, torch.Tensor], spec, where: str) -> dict[str, dict]:
-    """Split file keys into {module path: {suffix: tensor}}; keys naming modules the model lacks are an error."""
+def _check_paths(model: nn.Module, paths: list[str], spec, where: str) -> None:
+    modules = dict(model.named_modules())
+    missing = [p for p in paths if p not in modules]
+    if missing:
+        raise DeltatuneError(f"{where}: the adapter targets modules missing from this model: {_few(missing)}")
+    wrong = [p for p in paths if not spec.accepts(modules[p])]
+    if wrong:
+        raise DeltatuneError(f"{where}: {spec.name} cannot sit on {wrong[0]!r} ({type(modules[wrong[0]]).__name__})")
+
+
+def _few(items: list[str]) -> str:
+    items = sorted(items)
+    return ", ".join(items[:5]) + (" ..." if len(items) > 5 else "")
+
+
+def _group_by_module(model: nn.Module, tensors: dict[str, torch.Tensor], spec, where: str):
+    """Split file keys into ({module path: {suffix: tensor}}, {key: tensor} placed on no module)."""
     modules = dict(model.named_modules())
     by_path: dict[str, dict[str, torch.Tensor]] = {}
-    missing: set[str] = set()
+    unplaced: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         if not key.startswith(PREFIX):
             raise DeltatuneError(f"{where}: tensor {key!r} does not start with {PREFIX!r}; not an adapter file")
@@ -246,15 +268,33 @@ def _group_by_module(model: nn.Module, tensors: dict[str, torch.Tensor], spec, w
         path = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)
                      if ".".join(parts[:i]) in modules and spec.accepts(modules[".".join(parts[:i])])), None)
         if path is None:
-            missing.add(".".join(parts[:-2] if parts[-1] in ("weight", "bias") else parts[:-1]))
-            continue
-        by_path.setdefault(path, {})[rest[len(path) + 1:]] = tensor
-    if missing:
-        shown = ", ".join(sorted(missing)[:5]) + (" ..." if len(missing) > 5 else "")
-        raise DeltatuneError(f"{where}: the adapter targets modules missing from this model: {shown}")
-    if not by_path:
+            unplaced[rest] = tensor
+        else:
+            by_path.setdefault(path, {})[rest[len(path) + 1:]] = tensor
+    if not by_path and not unplaced:
         raise DeltatuneError(f"{where}: the adapter file holds no tensors")
-    return by_path
+    return by_path, unplaced
+
+
+def _fill_shared(model: nn.Module, name: str, spec, unplaced: dict[str, torch.Tensor], where: str) -> None:
+    """Adapter-wide tensors; any other key that names no module of this model is a missing target."""
+    shared = shared_of(model, name)
+    expected = spec.delta.shared_state_tensors(shared) if shared is not None else {}
+    leftover = set(unplaced) - set(expected)
+    if leftover:
+        guesses = {".".join(k.split(".")[:-2] if k.endswith((".weight", ".bias")) else k.split(".")[:-1])
+                   for k in leftover}
+        raise DeltatuneError(f"{where}: the adapter targets modules missing from this model: {_few(list(guesses))}")
+    if shared is None:
+        return
+    for key, ref in expected.items():
+        if key not in unplaced:
+            raise DeltatuneError(f"{where}: missing tensor {PREFIX}{key}")
+        if tuple(unplaced[key].shape) != tuple(ref.shape):
+            raise DeltatuneError(f"{where}: tensor {PREFIX}{key} has shape {tuple(unplaced[key].shape)} but the "
+                                 f"model needs {tuple(ref.shape)}")
+    spec.delta.load_shared_state_tensors(
+        shared, {k: unplaced[k].to(device=ref.device, dtype=ref.dtype) for k, ref in expected.items()})
 
 
 def _fill(model: nn.Module, name: str, by_path: dict[str, dict], where: str) -> None:

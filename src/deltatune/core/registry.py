@@ -16,7 +16,7 @@ from torch import nn
 from .config import DeltaConfig, check_field_names
 from .delta import Delta, is_mergeable, mixed_batch_path
 from .errors import DeltatuneError, one_of
-from .hosts import ALL_KINDS, host_kind
+from .hosts import WEIGHT_KINDS, host_kind
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def register_method(
     config: type[DeltaConfig],
     family: str,
     paper: str,
-    hosts: tuple[str, ...] = ALL_KINDS,
+    hosts: tuple[str, ...] = WEIGHT_KINDS,
     peft: PeftFormat | None = None,
 ) -> Callable[[type[Delta]], type[Delta]]:
     """Class decorator registering a Delta subclass as method `name`."""

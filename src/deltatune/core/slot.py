@@ -26,6 +26,12 @@ from .hosts import HostInfo, apply_weight, base_weight_parameter, per_channel, r
 
 SLOT_ATTR = "deltatune"
 STATE_ATTR = "_deltatune_state"
+SHARED_ATTR = "deltatune_shared"  # on the root model: adapter name -> module of adapter-wide tensors
+
+
+def is_delta_parameter(name: str) -> bool:
+    """Whether a model parameter name belongs to a delta (per host or adapter-wide)."""
+    return f".{SLOT_ATTR}." in f".{name}" or name.startswith(f"{SHARED_ATTR}.")
 
 
 @dataclass
@@ -106,8 +112,17 @@ class Host:
         return self.apply(x.to(weight.dtype), weight)
 
     def apply(self, x: Tensor, weight: Tensor) -> Tensor:
-        """The host's own op (linear / embedding lookup / convolution) with `weight` and no bias."""
-        return apply_weight(self.module, self.slot.info, x, weight)
+        """The host's own op (linear / embedding lookup / convolution / norm) with `weight` and no bias."""
+        if self.slot.info.kind != "norm":
+            return apply_weight(self.module, self.slot.info, x, weight)
+        params = {"weight": weight}
+        if getattr(self.module, "bias", None) is not None:
+            params["bias"] = torch.zeros_like(self.module.bias)
+        self.slot.bypass = True  # the module's own forward runs; its hook must not apply deltas again
+        try:
+            return torch.func.functional_call(self.module, params, (x,))
+        finally:
+            self.slot.bypass = False
 
 
 class DeltaSlot(nn.ModuleDict):
@@ -123,10 +138,13 @@ class DeltaSlot(nn.ModuleDict):
         self.created_bias = False
         self.hook_handle = None
         self.kernel_cache: dict[type, dict] = {}  # per delta class, kept across routing changes (see per_row)
+        self.bypass = False
 
     # ---- the hot path -------------------------------------------------------------------------------------------
     def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
         state = self.state
+        if self.bypass:
+            return None
         if state.rows is not None:
             return self._per_row(module, _first_input(args, kwargs), output)
         chain = [d for n in state.active if (d := self._modules.get(n)) is not None and n not in self.merged_names]
