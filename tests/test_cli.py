@@ -46,25 +46,6 @@ def test_no_command_prints_help_and_fails():
     assert proc.returncode == 2 and "methods" in proc.stdout
 
 
-def test_bad_input_is_one_line_without_traceback(tmp_path):
-    proc = _cli("demo", "--out", str(tmp_path / "f" / "x"), "--steps", "1")
-    assert proc.returncode == 0  # sanity: the demo runs
-    (tmp_path / "file").write_text("x")
-    proc = _cli("demo", "--out", str(tmp_path / "file"), "--steps", "1")
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("deltatune: error:")
-    assert "Traceback" not in proc.stderr
-
-
-def test_demo_learns_the_task(tmp_path, capsys):
-    from deltatune.demo import run_demo
-
-    result = run_demo(out_dir=tmp_path, steps=150)
-    assert result["before"] < 0.2 and result["after"] > 0.9
-    assert result["merge_gap"] < 1e-4
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-
-
 @pytest.mark.parametrize("args", [["methods", "--json", "--markdown"], ["nope"]])
 def test_argument_errors_exit_nonzero(args):
     proc = _cli(*args)

@@ -64,11 +64,13 @@ def probe():
 def test_shared_module_is_trained_saved_and_removed_once(probe, tmp_path):
     model, x = make("mlp")
     deltatune.attach(model, deltatune.config("probe", targets=["lin0", "norm", "lin2"]))
-    assert "deltatune_shared.default.bank" in dict(model.named_parameters())
+    from deltatune.core.api import shared_of
+
     names = [n for n, _ in deltatune.named_trainable_parameters(model)]
-    assert names.count("deltatune_shared.default.bank") == 1 and len(names) == 4
+    assert names.count("lin0.deltatune.default.shared.bank") == 1 and len(names) == 4
+    assert model.norm.deltatune["default"].shared is shared_of(model, "default")
     with torch.no_grad():
-        model.deltatune_shared["default"].bank.mul_(3)
+        shared_of(model, "default").bank.mul_(3)
     out = run(model, x)
     deltatune.save(model, tmp_path / "a")
     from safetensors.torch import load_file
@@ -83,7 +85,15 @@ def test_shared_module_is_trained_saved_and_removed_once(probe, tmp_path):
     torch.testing.assert_close(run(fresh, x), out, atol=1e-5, rtol=1e-5)
     deltatune.unmerge(fresh)
     deltatune.detach(fresh)
-    assert not hasattr(fresh, "deltatune_shared")
+    assert not [n for n, _ in fresh.named_parameters() if "shared" in n]
+
+
+def test_shared_module_on_a_sequential_root(probe):
+    """The adapter-wide module must not become a child of the root: nn.Sequential would call it."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    deltatune.attach(model, deltatune.config("probe", targets=["0", "1"]))
+    assert list(model._modules) == ["0", "1"]
+    model(torch.randn(3, 4))
 
 
 def test_norm_hosts_apply_through_the_module_itself(probe):

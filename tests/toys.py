@@ -97,5 +97,5 @@ def perturb(model: nn.Module, name: str, seed: int, scale: float = 0.2) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if f".deltatune.{name}." in pname:
+            if f".deltatune.{name}." in pname or pname.startswith(f"deltatune_shared.{name}."):
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)

@@ -19,8 +19,14 @@ def catalog() -> list[dict[str, Any]]:
     rows = []
     for name, spec in sorted(list_methods().items()):
         row = spec.capabilities()
+        if "linear" not in spec.hosts:
+            row["params_576x576"] = None
+            rows.append(row)
+            continue
         try:
-            row["params_576x576"] = spec.delta.num_parameters(spec.config(), REFERENCE_LAYER, "layer")
+            cfg = spec.config()
+            row["params_576x576"] = (spec.delta.num_parameters(cfg, REFERENCE_LAYER, "layer")
+                                     + spec.delta.num_shared_parameters(cfg, {"layer": REFERENCE_LAYER}))
         except Exception:  # a method that cannot sit on a plain Linear has no such count
             row["params_576x576"] = None
         rows.append(row)

@@ -13,7 +13,7 @@ from .errors import DeltatuneError, one_of
 from .hosts import host_info, module_dtype_for_delta, read_base_weight
 from .registry import MethodSpec, spec_of
 from .slot import (
-    SHARED_ATTR,
+    SHARED_CHILD,
     SLOT_ATTR,
     STATE_ATTR,
     AdapterRecord,
@@ -53,8 +53,8 @@ def attach_at(model: nn.Module, config: DeltaConfig, paths: Sequence[str], name:
     modules = dict(model.named_modules())
     try:
         shared = _make_shared(model, spec, config, {p: host_info(modules[p], p) for p in paths}, name)
-        for path in paths:
-            _add_delta(spec, config, modules[path], path, name, state, shared)
+        for i, path in enumerate(paths):
+            _add_delta(spec, config, modules[path], path, name, state, shared, owns_shared=i == 0)
     except BaseException:
         _remove_adapter(model, name, state)
         if fresh:
@@ -71,18 +71,16 @@ def attach_at(model: nn.Module, config: DeltaConfig, paths: Sequence[str], name:
 
 
 def _make_shared(model: nn.Module, spec: MethodSpec, config: DeltaConfig, infos: dict, name: str) -> nn.Module | None:
+    """The adapter-wide module, placed beside the first host's weights. It is registered under the adapter's
+    first delta only (so it is saved, moved and trained once, and the model's own module tree is untouched: a
+    root nn.Sequential keeps calling only its layers), and every delta of the adapter sees it as `self.shared`."""
     shared = spec.delta.make_shared(config, infos)
     if shared is None:
         return None
-    holder = model._modules.get(SHARED_ATTR)
-    if holder is None:
-        holder = nn.ModuleDict()
-        model.add_module(SHARED_ATTR, holder)
     first = read_base_weight(dict(model.named_modules())[next(iter(infos))])
     shared.to(device=first.device, dtype=module_dtype_for_delta(first))
     for p in shared.parameters():
         p.requires_grad_(True)
-    holder[name] = shared
     return shared
 
 
@@ -92,7 +90,7 @@ def _check_name(name: str) -> None:
 
 
 def _add_delta(spec: MethodSpec, config: DeltaConfig, module: nn.Module, path: str, name: str, state,
-               shared: nn.Module | None) -> None:
+               shared: nn.Module | None, owns_shared: bool) -> None:
     info = host_info(module, path)
     slot = module._modules.get(SLOT_ATTR)
     if slot is None:
@@ -104,10 +102,13 @@ def _add_delta(spec: MethodSpec, config: DeltaConfig, module: nn.Module, path: s
     weight = read_base_weight(module)
     delta = spec.delta(config, info, path)
     delta.to(device=weight.device, dtype=module_dtype_for_delta(weight))
+    delta.train(module.training)  # a model in eval mode gets deltas in eval mode (dropout off)
     for pname, p in delta.named_parameters():
         p.requires_grad_(pname not in delta.frozen_parameters)
     if shared is not None:
-        object.__setattr__(delta, "shared", shared)  # not registered: it is saved and trained once, at the root
+        if owns_shared:
+            delta._modules[SHARED_CHILD] = shared  # registered once, under the first delta
+        object.__setattr__(delta, "shared", shared)  # plain attribute on every delta (and on the first too)
     slot[name] = delta
     with torch.no_grad():
         delta.setup(Host(module, slot))
@@ -120,12 +121,7 @@ def _remove_adapter(model: nn.Module, name: str, state: RoutingState) -> None:
         if len(slot) == 0:
             slot.hook_handle.remove()
             del module._modules[SLOT_ATTR]
-    holder = model._modules.get(SHARED_ATTR)
-    if holder is not None:
-        if name in holder:
-            del holder[name]
-        if len(holder) == 0:
-            del model._modules[SHARED_ATTR]
+
 
 
 def delete(model: nn.Module, name: str) -> nn.Module:
@@ -151,7 +147,6 @@ def detach(model: nn.Module) -> nn.Module:
     for _, module, slot in slots_of(model):
         slot.hook_handle.remove()
         del module._modules[SLOT_ATTR]
-    model._modules.pop(SHARED_ATTR, None)
     for n, p in model.named_parameters():
         p.requires_grad_(state.requires_grad_before.get(n, True))
     delattr(model, STATE_ATTR)
@@ -337,12 +332,11 @@ def set_trainable(model: nn.Module, name: str, trainable: bool = True) -> None:
             delta = slot[name]
             for pname, p in delta.named_parameters():
                 p.requires_grad_(trainable and pname not in delta.frozen_parameters)
-    shared = shared_of(model, name)
-    if shared is not None:
-        shared.requires_grad_(trainable)
 
 
 def shared_of(model: nn.Module, name: str) -> nn.Module | None:
     """The adapter-wide module of adapter `name`, if its method has one."""
-    holder = model._modules.get(SHARED_ATTR)
-    return None if holder is None or name not in holder else holder[name]
+    for _, _, slot in slots_of(model):
+        if name in slot:
+            return slot[name].__dict__.get(SHARED_CHILD)
+    return None

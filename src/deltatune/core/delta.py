@@ -17,7 +17,7 @@ A method subclasses `Delta` and provides:
 - `setup(host)` (optional): initialisation that needs the base weight (DoRA's magnitude, SVD-based inits).
 - `make_shared(config, hosts)` (classmethod, optional): a module of adapter-wide tensors (a vector bank, shared
   random bases, a hypernetwork) created once per adapter; every delta of that adapter sees it as `self.shared`.
-  It lives at `model.deltatune_shared[<adapter>]`, so it is saved, moved and trained exactly once.
+  It is registered under the adapter's first delta only, so it is saved, moved and trained exactly once.
 - `state_tensors(host)` / `load_state_tensors(tensors, host)`: the on-disk tensors, keyed by the suffix that follows
   the module path in the file (PEFT names for methods PEFT knows).
 """
@@ -45,14 +45,17 @@ class Delta(nn.Module):
         frozen_parameters: parameter names that never train (e.g. LoRA-FA's A).
         uses_base_weight: delta_weight depends on the base weight (DoRA, OFT, ...), so merging keeps a copy of
             what it added in order to unmerge exactly.
+        peft_layer_copies: key suffixes PEFT also writes under every layer for adapter-wide tensors (RandLoRA's
+            bases); dropped on load (the adapter-wide key is loaded once), never written.
     """
 
     identity_at_init: ClassVar[bool] = True
     fast_parameters: ClassVar[tuple[str, ...]] = ()
     frozen_parameters: ClassVar[tuple[str, ...]] = ()
     uses_base_weight: ClassVar[bool] = False
+    peft_layer_copies: ClassVar[tuple[str, ...]] = ()
 
-    shared: nn.Module | None = None  # set (unregistered) by attach when the method has adapter-wide tensors
+    shared: nn.Module | None = None  # set by attach when the method has adapter-wide tensors (see make_shared)
 
     def __init__(self, config: Any, info: HostInfo, path: str) -> None:
         super().__init__()
@@ -66,7 +69,7 @@ class Delta(nn.Module):
         weight = self.delta_weight(host)
         if weight is None:
             raise NotImplementedError(f"{type(self).__name__} must implement forward or delta_weight")
-        out = y + host.apply(x.to(weight.dtype), weight).to(y.dtype)
+        out = y + host.apply(x, weight).to(y.dtype)
         bias = self.delta_bias(host)
         if bias is not None:
             out = out + per_channel(self.info, bias.to(y.dtype), out.ndim)
@@ -103,14 +106,25 @@ class Delta(nn.Module):
         raise NotImplementedError(f"{cls.__name__} must give its parameter-count formula")
 
     @classmethod
+    def num_shared_parameters(cls, config: Any, hosts: dict[str, HostInfo]) -> int:
+        """Trainable parameters of the adapter-wide module (the paper's formula), 0 without one."""
+        return 0
+
+    @classmethod
+    def identity_for(cls, config: Any) -> bool:
+        """Whether this config starts as the identity (methods where it depends on a field override this)."""
+        return cls.identity_at_init
+
+    @classmethod
     def make_shared(cls, config: Any, hosts: dict[str, HostInfo]) -> nn.Module | None:
         """Adapter-wide tensors shared by all this adapter's deltas, or None."""
         return None
 
     @classmethod
     def shared_state_tensors(cls, shared: nn.Module) -> dict[str, Tensor]:
-        """On-disk tensors of the shared module, keyed relative to the file prefix (`base_model.model.`)."""
-        return {f"deltatune_shared.{k}": v.detach() for k, v in shared.state_dict().items()}
+        """On-disk tensors of the shared module, keyed relative to `base_model.` (where PEFT puts adapter-wide
+        tensors, e.g. `base_model.vera_A`); by default under `base_model.model.deltatune_shared.`."""
+        return {f"model.deltatune_shared.{k}": v.detach() for k, v in shared.state_dict().items()}
 
     @classmethod
     def load_shared_state_tensors(cls, shared: nn.Module, tensors: dict[str, Tensor]) -> None:
@@ -118,19 +132,23 @@ class Delta(nn.Module):
         own = shared.state_dict()
         with torch.no_grad():
             for key, value in tensors.items():
-                own[key[len("deltatune_shared."):]].copy_(value)
+                own[key[len("model.deltatune_shared."):]].copy_(value)
 
     # ---- serialisation ------------------------------------------------------------------------------------------
     def state_tensors(self, host: "Host") -> dict[str, Tensor]:
         """On-disk tensors by key suffix. Default: every parameter and persistent buffer under its own name."""
-        return {name: t.detach() for name, t in self.state_dict().items()}
+        return {name: t.detach() for name, t in self._own_state().items()}
 
     def load_state_tensors(self, tensors: dict[str, Tensor], host: "Host") -> None:
         """Inverse of `state_tensors`; keys and shapes were checked by the caller against `state_tensors(host)`."""
-        own = self.state_dict()
+        own = self._own_state()
         with torch.no_grad():
             for name, value in tensors.items():
                 own[name].copy_(value)
+
+    def _own_state(self) -> dict[str, Tensor]:
+        """This delta's tensors, without the adapter-wide module that the first delta also holds."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("shared.")}
 
     # ---- helpers for subclasses ---------------------------------------------------------------------------------
     def trainable(self) -> list[nn.Parameter]:

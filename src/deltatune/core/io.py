@@ -31,6 +31,7 @@ from .slot import Host, get_state, require_state, slots_of
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."  # adapter-wide tensors sit beside the model, as PEFT's `base_model.vera_A`
 FORMAT_VERSION = 1
 # PEFT envelope fields that are about the wrapper, not the adapter.
 _ENVELOPE = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
@@ -103,7 +104,7 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     if shared is not None:
         delta_cls = spec_of(require_state(model).adapters[name].config).delta
         for key, tensor in delta_cls.shared_state_tensors(shared).items():
-            out[f"{PREFIX}{key}"] = tensor.detach().to("cpu").contiguous().clone()
+            out[f"{SHARED_PREFIX}{key}"] = tensor.detach().to("cpu").contiguous().clone()
     return out
 
 
@@ -261,14 +262,14 @@ def _group_by_module(model: nn.Module, tensors: dict[str, torch.Tensor], spec, w
     by_path: dict[str, dict[str, torch.Tensor]] = {}
     unplaced: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        if not key.startswith(PREFIX):
+        if not key.startswith(SHARED_PREFIX):
             raise DeltatuneError(f"{where}: tensor {key!r} does not start with {PREFIX!r}; not an adapter file")
-        rest = key[len(PREFIX):]
+        rest = key[len(PREFIX):] if key.startswith(PREFIX) else ""
         parts = rest.split(".")
         path = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)
                      if ".".join(parts[:i]) in modules and spec.accepts(modules[".".join(parts[:i])])), None)
         if path is None:
-            unplaced[rest] = tensor
+            unplaced[key[len(SHARED_PREFIX):]] = tensor  # relative to base_model., like shared_state_tensors keys
         else:
             by_path.setdefault(path, {})[rest[len(path) + 1:]] = tensor
     if not by_path and not unplaced:
@@ -283,15 +284,15 @@ def _fill_shared(model: nn.Module, name: str, spec, unplaced: dict[str, torch.Te
     leftover = set(unplaced) - set(expected)
     if leftover:
         guesses = {".".join(k.split(".")[:-2] if k.endswith((".weight", ".bias")) else k.split(".")[:-1])
-                   for k in leftover}
+                   for k in (k.removeprefix("model.") for k in leftover)}
         raise DeltatuneError(f"{where}: the adapter targets modules missing from this model: {_few(list(guesses))}")
     if shared is None:
         return
     for key, ref in expected.items():
         if key not in unplaced:
-            raise DeltatuneError(f"{where}: missing tensor {PREFIX}{key}")
+            raise DeltatuneError(f"{where}: missing tensor {SHARED_PREFIX}{key}")
         if tuple(unplaced[key].shape) != tuple(ref.shape):
-            raise DeltatuneError(f"{where}: tensor {PREFIX}{key} has shape {tuple(unplaced[key].shape)} but the "
+            raise DeltatuneError(f"{where}: tensor {SHARED_PREFIX}{key} has shape {tuple(unplaced[key].shape)} but the "
                                  f"model needs {tuple(ref.shape)}")
     spec.delta.load_shared_state_tensors(
         shared, {k: unplaced[k].to(device=ref.device, dtype=ref.dtype) for k, ref in expected.items()})
@@ -307,6 +308,9 @@ def _fill(model: nn.Module, name: str, by_path: dict[str, dict], where: str) -> 
         expected = delta.state_tensors(host)
         for suffix, tensor in list(given.items()):
             if suffix in expected:
+                continue
+            if suffix in delta.peft_layer_copies:
+                del given[suffix]  # PEFT's per-layer copy of an adapter-wide tensor, loaded once from the shared key
                 continue
             if suffix.startswith("base_layer.") and _same_as_base(module, suffix, tensor):
                 del given[suffix]  # PEFT saves embedding base weights alongside; they must match ours

@@ -26,12 +26,12 @@ from .hosts import HostInfo, apply_weight, base_weight_parameter, per_channel, r
 
 SLOT_ATTR = "deltatune"
 STATE_ATTR = "_deltatune_state"
-SHARED_ATTR = "deltatune_shared"  # on the root model: adapter name -> module of adapter-wide tensors
+SHARED_CHILD = "shared"  # adapter-wide module: a child of the adapter's first delta, seen by all its deltas
 
 
 def is_delta_parameter(name: str) -> bool:
     """Whether a model parameter name belongs to a delta (per host or adapter-wide)."""
-    return f".{SLOT_ATTR}." in f".{name}" or name.startswith(f"{SHARED_ATTR}.")
+    return f".{SLOT_ATTR}." in f".{name}"
 
 
 @dataclass
@@ -109,10 +109,14 @@ class Host:
             bias = self.bias()
             return self.base_out if bias is None else self.base_out - per_channel(self.info, bias, self.base_out.ndim)
         weight = self.weight()
-        return self.apply(x.to(weight.dtype), weight)
+        return self.apply(x, weight)
 
     def apply(self, x: Tensor, weight: Tensor) -> Tensor:
-        """The host's own op (linear / embedding lookup / convolution / norm) with `weight` and no bias."""
+        """The host's own op (linear / embedding lookup / convolution / norm) with `weight` and no bias.
+
+        Floating inputs are cast to the weight's dtype (token ids, for embeddings, are left alone)."""
+        if x.is_floating_point() and x.dtype != weight.dtype:
+            x = x.to(weight.dtype)
         if self.slot.info.kind != "norm":
             return apply_weight(self.module, self.slot.info, x, weight)
         params = {"weight": weight}

@@ -60,7 +60,7 @@ class DoraDelta(LoraDelta):
     def forward(self, x: Tensor, y: Tensor, host: Host) -> Tensor:
         x_in = self.dropped(x)
         # With dropout the base term uses the dropped input too (as PEFT does while training).
-        base = host.base_output(x) if x_in is x else host.apply(x_in.to(self.lora_A.dtype), host.weight())
+        base = host.base_output(x) if x_in is x else host.apply(x_in, host.weight().to(self.lora_A.dtype))
         k = per_channel(self.info, self.rescale(host), y.ndim)
         out = y + ((k - 1) * base + k * self.lora_output(x_in, host)).to(y.dtype)
         bias = self.delta_bias(host)

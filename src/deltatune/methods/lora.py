@@ -164,15 +164,16 @@ class LoraDelta(Delta):
 
     def forward(self, x: Tensor, y: Tensor, host: Host) -> Tensor:
         bias = self.delta_bias(host)
-        if self.info.kind in CONV_KINDS or y.dtype != self.lora_A.dtype:
+        if self.info.kind in CONV_KINDS:
             out = y + self.lora_output(self.dropped(x), host).to(y.dtype)
             return out if bias is None else out + per_channel(self.info, bias.to(y.dtype), out.ndim)
-        # y + s·h·Bᵀ as one fused addmm, in place when allowed (see Host.may_overwrite).
-        h = self.down(self.dropped(x), host).reshape(-1, self.r)
+        # y + s·h·Bᵀ as one fused addmm in y's dtype (bf16 under autocast), in place when allowed
+        # (see Host.may_overwrite); gradients still reach the float32 factors through the casts.
+        h = self.down(self.dropped(x), host).reshape(-1, self.r).to(y.dtype)
         flat = y.view(-1, y.shape[-1]) if host.may_overwrite(y) else y.reshape(-1, y.shape[-1]).clone()
-        flat.addmm_(h, self.lora_B.t(), alpha=self.scaling)
+        flat.addmm_(h, self.lora_B.t().to(y.dtype), alpha=self.scaling)
         if bias is not None:
-            flat.add_(bias)
+            flat.add_(bias.to(y.dtype))
         return flat.view(y.shape)
 
     def delta_weight(self, host: Host) -> Tensor:

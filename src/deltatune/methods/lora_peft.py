@@ -63,6 +63,6 @@ def lora_peft_format(*, dora: bool, claims: bool = True) -> PeftFormat:
         }
 
     def claim(raw: dict) -> bool:
-        return claims and bool(raw.get("use_dora", False)) == dora
+        return claims and bool(raw.get("use_dora", False)) == dora and not raw.get("kasa_config")
 
     return PeftFormat("LORA", to_peft, from_peft, claim)

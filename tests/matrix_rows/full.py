@@ -1,0 +1,5 @@
+"""Dense delta (full fine-tuning of chosen modules)."""
+
+ROWS = [
+    ("full", "full", {}),
+]
