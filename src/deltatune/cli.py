@@ -29,6 +29,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.distributed import Distributed, world_size
     from .train.loop import dry_run, train
     from .train.recipe import load_recipe
 
@@ -36,7 +37,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(dry_run(recipe), indent=2))
         return 0
-    results = train(recipe, resume=args.resume, progress=not args.quiet)
+    distributed = None
+    if world_size() > 1:
+        distributed = Distributed(recipe.distributed)
+    try:
+        results = train(recipe, resume=args.resume, progress=not args.quiet, distributed=distributed)
+    finally:
+        if distributed is not None:
+            distributed.close()
+    if distributed is not None and not distributed.is_main:
+        return 0
     summary = {k: v for k, v in results.items() if k in ("before", "after", "tokens_per_s", "peak_rss_bytes")}
     for key in ("before", "after"):
         if summary.get(key):

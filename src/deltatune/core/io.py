@@ -49,7 +49,7 @@ def atomic_write_files(directory: str | os.PathLike, files: dict[str, bytes]) ->
     target = check_output_dir(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists():
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        staging = staging_dir(target)
         try:
             for name, data in files.items():
                 _write_synced(staging / name, data)
@@ -68,6 +68,16 @@ def atomic_write_files(directory: str | os.PathLike, files: dict[str, bytes]) ->
             Path(tmp).unlink(missing_ok=True)
             raise
     return target
+
+
+def staging_dir(target: Path) -> Path:
+    """A private temporary directory beside `target`, with the permissions a plain mkdir would give (mkdtemp's
+    0700 would otherwise survive the rename)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    return staging
 
 
 def check_output_dir(directory: str | os.PathLike) -> Path:

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.errors import DeltatuneError
+from ..core.io import staging_dir
 from ..core.io import save as save_adapter
 
 PREFIX = "step-"
@@ -39,13 +39,21 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """A plain tensor (FSDP keeps optimizer state as sharded DTensors: gathering is a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
 def optimizer_payload(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, JSON metadata) of the optimizer state. Under FSDP every rank must call it."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, entry in state["state"].items():
         for key, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"optimizer.{index}.{key}"] = _full(value).detach().cpu().contiguous().clone()
             else:
                 scalars[f"{index}.{key}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -60,21 +68,36 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
     for key, value in meta["scalars"].items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in state.items():  # under FSDP, shard each full tensor like its parameter
+        for name, value in entry.items():
+            if torch.is_tensor(value) and value.ndim > 0:
+                entry[name] = _like(params[index], value)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, adapters: list[str], optimizer, position: dict,
-                    extra: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically under root/checkpoints and prune old ones."""
+def _like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        return distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
+    return value
+
+
+def save_checkpoint(root: Path, step: int, model: nn.Module, adapters: list[str], optimizer_state: tuple,
+                    position: dict, extra: dict, keep: int) -> Path:
+    """Write checkpoint `step` atomically under root/checkpoints and prune old ones.
+
+    `optimizer_state` is `optimizer_payload(optimizer)` (gathered by every rank beforehand when distributed)."""
     folder = root / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:06d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
+    staging = staging_dir(final)
     try:
         for name in adapters:
             save_adapter(model, staging / name, name=name)
-        tensors, meta = optimizer_payload(optimizer)
-        tensors["rng.torch"] = torch.get_rng_state()
+        tensors, meta = optimizer_state
+        tensors = {**tensors, "rng.torch": torch.get_rng_state()}
         save_file(tensors, staging / "trainer_state.safetensors")
         python_rng = random.getstate()
         state = {"step": step, "position": position, "optimizer": meta, "adapters": adapters,

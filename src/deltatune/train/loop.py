@@ -27,7 +27,7 @@ from ..optim import param_groups
 from . import checkpoint as ckpt
 from .data import BatchStream, DataStats, Example, detect_format, label_names, pack, read_jsonl, render
 from .evaluate import DEFAULT_METRICS, evaluate
-from .loss import causal_lm_loss, classification_loss
+from .distributed import LossModule
 from .models import load_model
 from .recipe import Recipe
 from .report import MetricsLog, manifest, memory_estimate, peak_rss_bytes, plot_curves
@@ -153,13 +153,9 @@ def lr_factor(step: int, total: int, recipe: Recipe) -> float:
     return spec.min_lr_ratio + (1.0 - spec.min_lr_ratio) * shape
 
 
-def micro_loss(run: Run, batch: dict) -> tuple[torch.Tensor, int]:
+def micro_loss(step_module: torch.nn.Module, run: Run, batch: dict) -> tuple[torch.Tensor, int]:
     with run.autocast():
-        if run.task == "classification":
-            loss, n, _ = classification_loss(run.model, batch)
-        else:
-            loss, n = causal_lm_loss(run.model, batch, chunk=run.recipe.loss_chunk)
-    return loss, n
+        return step_module(batch)
 
 
 def loss_tokens(run: Run, batch: dict) -> int:
@@ -183,9 +179,9 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True, distri
         ckpt.clean_staging(out)
     latest = found[-1] if resume else None
     run = prepare(recipe, resume_from=latest)
-    model = run.model
+    step_module = LossModule(run.model, run.task, recipe.loss_chunk)
     if distributed is not None:
-        model = distributed.wrap(run)
+        step_module = distributed.wrap(step_module)
     rows = pack(run.train_examples, recipe.data.max_length) if recipe.data.packing else [[e] for e in run.train_examples]
     world = 1 if distributed is None else distributed.world
     if len(rows) < recipe.batch_size * world:
@@ -211,8 +207,8 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True, distri
     if is_main and latest is None:
         (out / "manifest.json").write_text(json.dumps(manifest(recipe.to_dict(), _data_files(recipe)), indent=2))
     results = {"before": None}
-    if is_main and latest is None and recipe.eval.before and run.eval_examples:
-        results["before"] = _evaluate(run, log, step)
+    if latest is None and recipe.eval.before and run.eval_examples:
+        results["before"] = _evaluate(run, log, step, distributed)
     bar = _progress(progress and is_main, steps, step)
     best, started, tokens_seen = math.inf, time.perf_counter(), 0
     while step < steps:
@@ -222,10 +218,10 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True, distri
         global_batches = [stream.next() for _ in range(recipe.grad_accum)]
         local = [distributed.shard(b) if distributed else b for b in global_batches]
         n_tokens = sum(loss_tokens(run, b) for b in global_batches)  # the normalisation of the whole step
-        model.train()
+        step_module.train()
         total = 0.0
         for batch in local:
-            loss_sum, _ = micro_loss(run, batch)
+            loss_sum, _ = micro_loss(step_module, run, batch)
             (loss_sum * world / max(n_tokens, 1)).backward()  # DDP averages over ranks; undo that
             total += float(loss_sum.detach())
         if distributed is not None:
@@ -246,22 +242,26 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True, distri
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
             bar.update(1)
-        if is_main and recipe.eval.every and step % recipe.eval.every == 0 and step < steps and run.eval_examples:
-            _evaluate(run, log, step)
+        if recipe.eval.every and step % recipe.eval.every == 0 and step < steps and run.eval_examples:
+            _evaluate(run, log, step, distributed)
         if recipe.checkpoint.every and step % recipe.checkpoint.every == 0:
             _checkpoint(run, out, step, optimizer, stream, distributed)
     if bar is not None:
         bar.close()
+    results["after"] = _evaluate(run, log, step, distributed) if run.eval_examples else None
+    with _gathered(distributed):
+        if is_main:
+            save_adapter(run.model, out / "adapter", name=ADAPTER)
+            if run.task == "classification":
+                save_adapter(run.model, out / HEAD, name=HEAD)
     if is_main:
-        save_adapter(run.model, out / "adapter", name=ADAPTER)
-        if run.task == "classification":
-            save_adapter(run.model, out / HEAD, name=HEAD)
-        results["after"] = _evaluate(run, log, step) if run.eval_examples else None
         results["peak_rss_bytes"] = peak_rss_bytes()
         results["train_seconds"] = time.perf_counter() - started
         results["tokens_per_s"] = tokens_seen / max(results["train_seconds"], 1e-9)
         plot_curves(out / "metrics.jsonl", out / "loss.png")
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    if distributed is not None:
+        distributed.barrier()
     return results
 
 
@@ -292,20 +292,27 @@ def _watchdog(loss: float, best: float, step: int, out: Path, ratio: float) -> N
                              f"{best:.3f}; {where} (lower optimizer.lr)")
 
 
-def _evaluate(run: Run, log: MetricsLog, step: int) -> dict:
+def _gathered(distributed):
+    return contextlib.nullcontext() if distributed is None else distributed.gathered()
+
+
+def _evaluate(run: Run, log: MetricsLog, step: int, distributed) -> dict:
+    """Every rank evaluates (sharded models need all ranks in each forward); the main rank logs."""
     spec = run.recipe.eval
-    result = evaluate(run.model, run.tokenizer, run.eval_examples, metrics=run.metrics, batch_size=spec.batch_size,
-                      max_new_tokens=spec.max_new_tokens, loss_chunk=run.recipe.loss_chunk, autocast=run.autocast)
-    log.write({"kind": "eval", "step": step, **{k: v for k, v in result.items() if k != "samples"}})
+    with _gathered(distributed):
+        result = evaluate(run.model, run.tokenizer, run.eval_examples, metrics=run.metrics, batch_size=spec.batch_size,
+                          max_new_tokens=spec.max_new_tokens, loss_chunk=run.recipe.loss_chunk, autocast=run.autocast)
+    if distributed is None or distributed.is_main:
+        log.write({"kind": "eval", "step": step, **{k: v for k, v in result.items() if k != "samples"}})
     return result
 
 
 def _checkpoint(run: Run, out: Path, step: int, optimizer, stream: BatchStream, distributed) -> None:
-    if distributed is not None:
-        distributed.before_checkpoint(run)
-    if distributed is None or distributed.is_main:
-        ckpt.save_checkpoint(out, step, run.model, run.adapters, optimizer, stream.position(),
-                             {"recipe": run.recipe.to_dict()}, run.recipe.checkpoint.keep)
+    optimizer_state = ckpt.optimizer_payload(optimizer)  # every rank: gathering sharded state is collective
+    with _gathered(distributed):
+        if distributed is None or distributed.is_main:
+            ckpt.save_checkpoint(out, step, run.model, run.adapters, optimizer_state, stream.position(),
+                                 {"recipe": run.recipe.to_dict()}, run.recipe.checkpoint.keep)
     if distributed is not None:
         distributed.barrier()
 

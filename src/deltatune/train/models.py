@@ -14,13 +14,13 @@ import fcntl
 import importlib.util
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..core.errors import DeltatuneError
+from ..core.io import staging_dir
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def _convert_gguf(gguf_file: Path, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kwargs)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = staging_dir(target)
     try:
         # transformers refuses to save a model it loaded "quantized"; rebuild it as a plain float32 model.
         config = model.config.to_dict()

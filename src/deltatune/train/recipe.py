@@ -108,7 +108,7 @@ class Recipe:
     gradient_checkpointing: recompute every layer in backward (least memory, ~30 % slower).
     loss_chunk: tokens per chunk of the LM head + cross-entropy (memory ∝ chunk × vocab).
     seed, output_dir, log_every, tensorboard, max_loss_ratio (divergence watchdog: stop when the loss exceeds this
-    multiple of its running minimum).
+    multiple of its running minimum), distributed (ddp | fsdp, used when launched under torchrun).
     """
 
     model: str = "smollm2-135m"
@@ -132,6 +132,7 @@ class Recipe:
     log_every: int = 1
     tensorboard: bool = False
     max_loss_ratio: float = 10.0
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
     def validate(self) -> None:
         if not self.data.train:
