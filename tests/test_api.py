@@ -10,7 +10,7 @@ from torch import nn
 
 import deltatune
 from deltatune import DeltatuneError
-from toys import make, perturb, run
+from toys import assert_per_sample_matches_alone, make, perturb, run
 
 
 def _two_adapters(toy="llama"):
@@ -160,11 +160,7 @@ def test_per_sample_can_train_several_adapters_in_one_batch():
 def test_per_sample_matches_rows_alone_for_any_assignment(names):
     model, _ = _two_adapters("mlp")
     x = torch.randn(len(names), 10, generator=torch.Generator().manual_seed(len(names)))
-    with deltatune.per_sample(model, names):
-        mixed = run(model, x)
-    for i, name in enumerate(names):
-        with deltatune.use(model, name):
-            torch.testing.assert_close(mixed[i : i + 1], run(model, x[i : i + 1]), atol=1e-5, rtol=1e-5)
+    assert_per_sample_matches_alone(model, x, names, atol=1e-5, rtol=1e-5)
 
 
 def test_trainable_parameters_and_set_trainable():

@@ -16,7 +16,7 @@ from deltatune.core import registry
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta
 from deltatune.core.hosts import ALL_KINDS
-from toys import make, run
+from toys import make, run, save_and_reload
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,14 +72,8 @@ def test_shared_module_is_trained_saved_and_removed_once(probe, tmp_path):
     with torch.no_grad():
         shared_of(model, "default").bank.mul_(3)
     out = run(model, x)
-    deltatune.save(model, tmp_path / "a")
-    from safetensors.torch import load_file
-
-    keys = set(load_file(tmp_path / "a" / "adapter_model.safetensors"))
+    keys, fresh = save_and_reload(model, "mlp", tmp_path)
     assert "base_model.model.deltatune_shared.bank" in keys
-    fresh, _ = make("mlp")
-    deltatune.load(fresh, tmp_path / "a")
-    torch.testing.assert_close(run(fresh, x), out)
     assert deltatune.trainable_parameters(fresh) == []
     deltatune.merge(fresh)
     torch.testing.assert_close(run(fresh, x), out, atol=1e-5, rtol=1e-5)

@@ -14,7 +14,7 @@ import torch
 import deltatune
 from deltatune.core.hosts import host_kind
 from deltatune.core.slot import is_delta_parameter, slots_of
-from toys import BATCH, TOYS, make, perturb, run
+from toys import BATCH, TOYS, assert_per_sample_matches_alone, make, perturb, run
 
 from matrix_rows import collect_rows
 
@@ -139,13 +139,7 @@ def test_per_sample_equals_rows_alone(method, fields, toy):
     model, x = make(toy)
     _attach(model, method, fields, toy, name="a", seed=0)
     _attach(model, method, fields, toy, name="b", seed=1)
-    names = ["a", None, "b"][:BATCH]
-    with deltatune.per_sample(model, names):
-        mixed = run(model, x)
-    for i, name in enumerate(names):
-        with deltatune.use(model, name):
-            alone = run(model, x[i : i + 1])
-        torch.testing.assert_close(mixed[i : i + 1], alone, atol=2e-5, rtol=1e-4)
+    assert_per_sample_matches_alone(model, x, ["a", None, "b"][:BATCH])
 
 
 @pytest.mark.parametrize("method,fields,toy", CASES)

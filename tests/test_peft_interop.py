@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import deltatune
-from toys import make, perturb, run
-
-peft = pytest.importorskip("peft")
+from peft_roundtrip import deltatune_saved_loads_in_peft, peft, peft_saved_loads_in_deltatune, randomise
+from toys import make, run
 
 # (id, PEFT LoraConfig kwargs, deltatune method, deltatune fields)
 VARIANTS = [
@@ -33,42 +32,17 @@ CASES = [
 ]
 
 
-def _randomise_peft(model, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name or (".base_layer.bias" in name and p.requires_grad):
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-
-
 @pytest.mark.parametrize("variant,toy", CASES)
 def test_peft_saved_loads_in_deltatune(variant, toy, tmp_path):
     _, peft_kwargs, _, _ = variant
-    model, x = make(toy)
     cfg = peft.LoraConfig(target_modules=TARGETS[toy], init_lora_weights=False, **peft_kwargs)
-    peft_model = peft.get_peft_model(model, cfg)
-    _randomise_peft(peft_model, 0)
-    peft_model.eval()
-    expected = run(peft_model, x)
-    peft_model.save_pretrained(tmp_path / "p")
-
-    ours, _ = make(toy)
-    deltatune.load(ours, tmp_path / "p")
-    torch.testing.assert_close(run(ours, x), expected, atol=1e-5, rtol=1e-5)
+    peft_saved_loads_in_deltatune(cfg, toy, tmp_path)
 
 
 @pytest.mark.parametrize("variant,toy", CASES)
 def test_deltatune_saved_loads_in_peft(variant, toy, tmp_path):
     _, _, method, fields = variant
-    model, x = make(toy)
-    deltatune.attach(model, deltatune.config(method, targets=TARGETS[toy], **fields))
-    perturb(model, "default", seed=0)
-    expected = run(model, x)
-    deltatune.save(model, tmp_path / "d")
-
-    fresh, _ = make(toy)
-    peft_model = peft.PeftModel.from_pretrained(fresh, tmp_path / "d").eval()
-    torch.testing.assert_close(run(peft_model, x), expected, atol=1e-5, rtol=1e-5)
+    deltatune_saved_loads_in_peft(deltatune.config(method, targets=TARGETS[toy], **fields), toy, tmp_path)
 
 
 def test_peft_mixed_batch_matches_deltatune_per_sample(tmp_path):
@@ -77,7 +51,7 @@ def test_peft_mixed_batch_matches_deltatune_per_sample(tmp_path):
     cfg = peft.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False, r=4, lora_alpha=8)
     pm = peft.get_peft_model(model, cfg, adapter_name="a")
     pm.add_adapter("b", peft.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False, r=2))
-    _randomise_peft(pm, 1)
+    randomise(pm, seed=1, only="lora_")
     pm.eval()
     names = ["a", "__base__", "b"]
     with torch.no_grad():

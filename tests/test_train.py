@@ -313,3 +313,28 @@ def test_classification_trains_a_head_on_the_embedded_encoder(tmp_path):
     batch = tokenizer(["red item number 99", "blue item number 99"], return_tensors="pt", padding=True)
     with torch.no_grad():
         assert model(**batch).logits.argmax(-1).tolist() == [1, 0]  # labels sorted: blue=0, red=1
+
+
+# ---- shipped recipes ---------------------------------------------------------------------------------------------------
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_validates_and_renders(path):
+    from deltatune.train.loop import prepare
+
+    recipe = load_recipe(path, ["output_dir=/nonexistent/never-written"])
+    run = prepare(recipe, attach=False)
+    assert run.train_examples and run.eval_examples and run.stats.loss_tokens > 0 or run.task == "classification"
+    deltatune.attach(run.model, deltatune.config(recipe.method, **recipe.delta))  # the method fits the model
+
+
+def test_recipe_data_matches_its_generator(tmp_path):
+    import runpy
+    import shutil
+
+    source = Path(__file__).parents[1] / "recipes" / "data"
+    shutil.copy(source / "make_data.py", tmp_path / "make_data.py")
+    runpy.run_path(str(tmp_path / "make_data.py"), run_name="__main__")
+    for path in source.glob("*.jsonl"):
+        assert (tmp_path / path.name).read_text() == path.read_text(), path.name

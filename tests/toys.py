@@ -1,4 +1,5 @@
-"""Tiny random models for the test matrix: every host kind, plus a tiny Llama and a tiny GPT-2 (Conv1D)."""
+"""Tiny random models for the test matrix: every host kind, plus a tiny Llama and a tiny GPT-2 (Conv1D); and the
+few helpers every test uses on them (run, perturb, per-sample checks, save / reload)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import copy
 import functools
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+
+import deltatune
 
 BATCH = 3
 
@@ -99,3 +103,24 @@ def perturb(model: nn.Module, name: str, seed: int, scale: float = 0.2) -> None:
         for pname, p in model.named_parameters():
             if f".deltatune.{name}." in pname or pname.startswith(f"deltatune_shared.{name}."):
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def assert_per_sample_matches_alone(model: nn.Module, x: torch.Tensor, names: list, atol: float = 2e-5,
+                                    rtol: float = 1e-4) -> None:
+    """A mixed batch routed row by row (`names`, None = base model) gives each row what its adapter alone gives."""
+    with deltatune.per_sample(model, names):
+        mixed = run(model, x)
+    for i, name in enumerate(names):
+        with deltatune.use(model, name):
+            torch.testing.assert_close(mixed[i : i + 1], run(model, x[i : i + 1]), atol=atol, rtol=rtol)
+
+
+def save_and_reload(model: nn.Module, toy: str, tmp_path, atol: float = 1e-6,
+                    rtol: float = 0.0) -> tuple[dict[str, torch.Tensor], nn.Module]:
+    """Save adapter "default", load it into a fresh copy of the toy and check that it gives the same output on the
+    toy's input: (the saved tensors by key, the fresh model)."""
+    deltatune.save(model, tmp_path / "a")
+    fresh, x = make(toy)
+    deltatune.load(fresh, tmp_path / "a")
+    torch.testing.assert_close(run(fresh, x), run(model, x), atol=atol, rtol=rtol)
+    return load_file(tmp_path / "a" / "adapter_model.safetensors"), fresh

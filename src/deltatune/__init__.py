@@ -13,6 +13,7 @@ save/load in PEFT's format and weighted arithmetic work for every method whose m
 __version__ = "0.1.0"
 
 from .core.api import (  # noqa: E402
+    parallel,
     active,
     adapters,
     attach,
@@ -26,15 +27,16 @@ from .core.api import (  # noqa: E402
     unmerge,
     use,
 )
+from .core.compose import Average, BatchSplit, Fuse, Parallel, Split, Stack  # noqa: E402
 from .core.config import DeltaConfig  # noqa: E402
 from .core.delta import Delta  # noqa: E402
 from .core.errors import DeltatuneError  # noqa: E402
-from .core.io import load, save  # noqa: E402
+from .core.io import load, load_composition, save, save_composition  # noqa: E402
 from .core.registry import config, config_from_dict, get_method, list_methods, register_method  # noqa: E402
 from . import optim  # noqa: E402
 
 __all__ = [
-    "__version__", "active", "adapters", "attach", "config", "config_from_dict", "delete", "detach", "Delta",
-    "DeltaConfig", "DeltatuneError", "get_method", "list_methods", "load", "merge", "named_trainable_parameters", "optim",
+    "__version__", "active", "Average", "BatchSplit", "Fuse", "Parallel", "Split", "Stack", "parallel", "adapters", "attach", "config", "config_from_dict", "delete", "detach", "Delta",
+    "DeltaConfig", "DeltatuneError", "get_method", "list_methods", "load", "load_composition", "merge", "save_composition", "named_trainable_parameters", "optim",
     "per_sample", "register_method", "save", "set_trainable", "trainable_parameters", "unmerge", "use",
 ]

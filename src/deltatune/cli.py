@@ -21,102 +21,6 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    run_demo(out_dir=args.out, steps=args.steps, progress=not args.quiet)
-    return 0
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .train.distributed import Distributed, world_size
-    from .train.loop import dry_run, train
-    from .train.recipe import load_recipe
-
-    recipe = load_recipe(args.recipe, args.set)
-    if args.dry_run:
-        print(json.dumps(dry_run(recipe), indent=2))
-        return 0
-    distributed = None
-    if world_size() > 1:
-        distributed = Distributed(recipe.distributed)
-    try:
-        results = train(recipe, resume=args.resume, progress=not args.quiet, distributed=distributed)
-    finally:
-        if distributed is not None:
-            distributed.close()
-    if distributed is not None and not distributed.is_main:
-        return 0
-    summary = {k: v for k, v in results.items() if k in ("before", "after", "tokens_per_s", "peak_rss_bytes")}
-    for key in ("before", "after"):
-        if summary.get(key):
-            summary[key] = {k: v for k, v in summary[key].items() if k != "samples"}
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from .train.interactive import adapter_dir
-    from .train.loop import prepare
-    from .train.evaluate import evaluate
-    from .train.recipe import load_recipe
-    from .core.io import load as load_adapter
-
-    recipe = load_recipe(args.recipe, args.set)
-    run = prepare(recipe, attach=False)
-    if args.adapter:
-        load_adapter(run.model, adapter_dir(args.adapter))
-    examples = run.eval_examples or run.train_examples
-    result = evaluate(run.model, run.tokenizer, examples, metrics=run.metrics, batch_size=recipe.eval.batch_size,
-                      max_new_tokens=recipe.eval.max_new_tokens, loss_chunk=recipe.loss_chunk, autocast=run.autocast)
-    result.pop("samples", None)
-    print(json.dumps({"examples": len(examples), "split": "eval" if run.eval_examples else "train", **result},
-                     indent=2))
-    return 0
-
-
-def _cmd_data(args: argparse.Namespace) -> int:
-    from .train.loop import prepare
-    from .train.preview import report
-    from .train.recipe import load_recipe
-
-    run = prepare(load_recipe(args.recipe, args.set), attach=False)
-    print(report(run.train_examples, run.stats, run.tokenizer, run.fmt, first=args.n))
-    return 0
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from .train.interactive import generate_text, load_for_inference, prompt_ids
-
-    model, tokenizer, autocast = load_for_inference(args.base, args.adapter, args.precision)
-    ids = prompt_ids(tokenizer, args.prompt, raw=args.raw)
-    print(generate_text(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
-                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, autocast=autocast))
-    return 0
-
-
-def _cmd_chat(args: argparse.Namespace) -> int:
-    from .train.interactive import chat_loop, load_for_inference
-
-    model, tokenizer, autocast = load_for_inference(args.base, args.adapter, args.precision)
-    chat_loop(model, tokenizer, autocast=autocast, max_new_tokens=args.max_new_tokens, greedy=args.greedy)
-    return 0
-
-
-def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="YAML recipe (see recipes/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe field, dotted for sections (e.g. optimizer.lr=1e-4); repeatable")
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", default="smollm2-135m", help="smollm2-135m, minilm-l6 or a model directory")
-    p.add_argument("--adapter", help="adapter directory (or a training output directory)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deltatune",
@@ -132,53 +36,41 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--markdown", action="store_true", help="the docs/methods.md table")
     p.set_defaults(func=_cmd_methods)
 
-    p = sub.add_parser("train", help="fine-tune a model from a YAML recipe",
-                       description="Train any registered method from a recipe. Writes the adapter (PEFT layout), "
-                                   "metrics.jsonl, loss.png, manifest.json and checkpoints to output_dir.")
-    _add_recipe_args(p)
-    p.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved recipe, trainable parameters and a memory estimate; train nothing")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("eval", help="evaluate a base model or an adapter on a recipe's eval data")
-    _add_recipe_args(p)
-    p.add_argument("--adapter", help="adapter directory (default: the base model alone)")
-    p.set_defaults(func=_cmd_eval)
-
-    p = sub.add_parser("data", help="preview a recipe's data: rendered examples, loss tokens, drops, lengths")
-    _add_recipe_args(p)
-    p.add_argument("-n", type=int, default=3, help="examples to show (default 3)")
-    p.set_defaults(func=_cmd_data)
-
-    p = sub.add_parser("generate", help="generate from a prompt with a base model and optional adapter")
-    _add_model_args(p)
-    p.add_argument("--prompt", required=True, help="user message (rendered with the chat template)")
-    p.add_argument("--raw", action="store_true", help="use the prompt as raw text, without the chat template")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_generate)
-
-    p = sub.add_parser("chat", help="interactive chat with a base model and optional adapter (/compare, /clear)")
-    _add_model_args(p)
-    p.set_defaults(func=_cmd_chat)
-
-    p = sub.add_parser("demo", help="the end-to-end demo: LoRA on SmolLM2-135M, before/after exact match",
-                       description="Trains LoRA on the embedded SmolLM2-135M-Instruct to turn sentences into a "
-                                   "fixed JSON record, and prints exact match on held-out sentences before and "
-                                   "after (a few minutes on 2 CPU cores).")
-    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_demo)
+    for add_commands in _command_packages():
+        add_commands(sub)
     return parser
+
+
+def _command_packages():
+    """Each package above `methods` registers its own subcommands (explicit list, imported lazily)."""
+    from .analysis.commands import add_commands as analysis_commands
+    from .merge.commands import add_commands as merge_commands
+    from .serve.commands import add_commands as serve_commands
+    from .train.commands import add_commands as train_commands
+
+    return [train_commands, merge_commands, serve_commands, analysis_commands]
+
+
+# glibc moves its mmap threshold as large blocks are freed, so a training step's many activation-sized
+# allocations alternate between page-faulting mmaps and the heap; pinning it keeps them on the heap (~10 % faster
+# steps on CPU). Long-running commands re-exec themselves once with it set (DELTATUNE_NO_MALLOC_PINNING=1: off).
+PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+HEAVY_COMMANDS = {"train", "demo", "eval", "chat", "generate"}
+
+
+def _pin_malloc(argv: list[str] | None) -> None:
+    if argv is not None or os.environ.get("DELTATUNE_NO_MALLOC_PINNING") or sys.platform != "linux":
+        return
+    if len(sys.argv) > 1 and sys.argv[1] in HEAVY_COMMANDS and any(
+            os.environ.get(k) != v for k, v in PINNED_MALLOC.items()):
+        os.execve(sys.executable, [sys.executable, "-m", "deltatune.cli", *sys.argv[1:]],
+                  {**os.environ, **PINNED_MALLOC})
 
 
 def main(argv: list[str] | None = None) -> int:
     from .core.errors import DeltatuneError
 
+    _pin_malloc(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -13,8 +10,7 @@ import deltatune
 import deltatune.methods.bitfit  # noqa: F401
 from deltatune import DeltatuneError
 
-sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared toy models (until a conftest adds it)
-from toys import make, perturb, run  # noqa: E402
+from toys import make, perturb, run
 
 
 def test_update_is_a_bias_only_and_merge_changes_only_biases():

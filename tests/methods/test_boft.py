@@ -109,7 +109,7 @@ def test_peft_saved_boft_loads_with_peft_logits(toy, tmp_path):
 @pytest.mark.parametrize("toy", PEFT_TOYS)
 def test_deltatune_saved_boft_loads_in_peft(toy, tmp_path):
     fields = {"llama": {"block_size": 4}, "conv": {"block_size": 0, "block_num": 1}}[toy]
-    deltatune_saved_loads_in_peft("boft", {"targets": PEFT_TOYS[toy], **fields}, toy, tmp_path)
+    deltatune_saved_loads_in_peft(deltatune.config("boft", targets=PEFT_TOYS[toy], **fields), toy, tmp_path)
 
 
 def test_peft_butterfly_with_two_factors_round_trips(peft_butterfly_kernel, tmp_path):
@@ -117,4 +117,4 @@ def test_peft_butterfly_with_two_factors_round_trips(peft_butterfly_kernel, tmp_
     cfg = peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=targets, init_weights=False)
     peft_saved_loads_in_deltatune(cfg, "llama", tmp_path / "a")
     fields = {"targets": targets, "block_size": 4, "n_butterfly_factor": 2}
-    deltatune_saved_loads_in_peft("boft", fields, "llama", tmp_path / "b")
+    deltatune_saved_loads_in_peft(deltatune.config("boft", **fields), "llama", tmp_path / "b")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,14 +10,9 @@ import deltatune.methods.c3a  # noqa: F401
 from deltatune import DeltatuneError
 from deltatune.methods.c3a import block_circulant, circular_correlate, kernel_spectrum
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-sys.path.insert(0, str(Path(__file__).parent))
-from test_loha import (  # noqa: E402
-    LAYER_576, delta_of, deltatune_saved_loads_in_peft, peft_saved_loads_in_deltatune,
-)
-from toys import make  # noqa: E402
-
-peft = pytest.importorskip("peft")
+from peft_roundtrip import deltatune_saved_loads_in_peft, from_peft_kwargs, peft, peft_saved_loads_in_deltatune
+from test_loha import LAYER_576, delta_of
+from toys import make
 
 
 def test_delta_weight_is_block_circulant():
@@ -79,10 +71,6 @@ PEFT_CASES = [
 
 
 @pytest.mark.parametrize("toy,kwargs", PEFT_CASES)
-def test_peft_saved_c3a_loads_in_deltatune(toy, kwargs, tmp_path):
+def test_peft_parity_both_ways(toy, kwargs, tmp_path):
     peft_saved_loads_in_deltatune(peft.C3AConfig(**kwargs), toy, tmp_path)
-
-
-@pytest.mark.parametrize("toy,kwargs", PEFT_CASES)
-def test_deltatune_saved_c3a_loads_in_peft(toy, kwargs, tmp_path):
-    deltatune_saved_loads_in_peft("c3a", kwargs, toy, tmp_path, {"init_weights": "init"})
+    deltatune_saved_loads_in_peft(from_peft_kwargs("c3a", kwargs, {"init_weights": "init"}), toy, tmp_path)

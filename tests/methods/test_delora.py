@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_hira import check_deltatune_saved_loads, check_peft_saved_loads, layer_count, linear  # noqa: E402
+import deltatune
+from deltatune import DeltatuneError
+from deltatune.methods import delora  # noqa: F401
 
-import deltatune  # noqa: E402
-from deltatune import DeltatuneError  # noqa: E402
-from deltatune.methods import delora  # noqa: E402, F401
-
-peft = pytest.importorskip("peft")
+from peft_roundtrip import deltatune_saved_loads_in_peft, peft, peft_saved_loads_in_deltatune
+from test_hira import layer_count, linear
 
 
 def test_update_formula():
@@ -65,12 +60,12 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 def test_peft_saved_delora_loads_in_deltatune(tmp_path):
     config = peft.DeloraConfig(r=2, delora_lambda=3, target_modules=TARGETS, init_weights=False)
-    check_peft_saved_loads(config, "llama", "delora_", tmp_path)
+    peft_saved_loads_in_deltatune(config, "llama", tmp_path)
 
 
 def test_deltatune_saved_delora_loads_in_peft(tmp_path):
-    fields = {"r": 2, "delora_lambda": 3.0, "init": "random"}
-    check_deltatune_saved_loads("delora", fields, TARGETS, "llama", tmp_path)
+    config = deltatune.config("delora", r=2, delora_lambda=3.0, init="random", targets=TARGETS)
+    deltatune_saved_loads_in_peft(config, "llama", tmp_path)
 
 
 def test_bad_dropout_names_the_field():

@@ -3,9 +3,6 @@ once) and a dense r×r matrix per layer; identity at init; not mergeable; parame
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,10 +14,8 @@ import deltatune.methods.denselora  # noqa: F401
 from deltatune import DeltatuneError
 from deltatune.core.slot import slots_of
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-sys.path.insert(0, str(Path(__file__).parent))
-from test_multilora import layer_info, randomize  # noqa: E402
-from toys import make, run  # noqa: E402
+from test_multilora import layer_info, randomize
+from toys import make, run
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_hira import attached, layer_count, linear  # noqa: E402
+import deltatune
+from deltatune import DeltatuneError
+from deltatune.core.hosts import to_matrix
+from deltatune.methods import edora  # noqa: F401
 
-import deltatune  # noqa: E402
-from deltatune import DeltatuneError  # noqa: E402
-from deltatune.core.hosts import to_matrix  # noqa: E402
-from deltatune.methods import edora  # noqa: E402, F401
-from toys import make, run  # noqa: E402
+from test_hira import attached, layer_count, linear
+from toys import make, run
 
 
 def test_factors_are_the_truncated_svd_and_stay_frozen():

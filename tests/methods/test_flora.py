@@ -3,9 +3,6 @@ unfolding has the core's rank, parameter count."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,10 +10,8 @@ import deltatune
 import deltatune.methods.flora  # noqa: F401
 from deltatune import DeltatuneError
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-sys.path.insert(0, str(Path(__file__).parent))
-from test_loha import LAYER_576, delta_of  # noqa: E402
-from toys import make, perturb  # noqa: E402
+from test_loha import LAYER_576, delta_of
+from toys import make, perturb
 
 
 def test_conv_update_is_the_tucker_product_in_the_kernel_shape():

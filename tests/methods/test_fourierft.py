@@ -3,25 +3,16 @@ saved; parameter count; PEFT parity (Linear and transformers Conv1D)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import deltatune
 import deltatune.methods.fourierft  # noqa: F401
 from deltatune import DeltatuneError
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-sys.path.insert(0, str(Path(__file__).parent))
-from test_loha import (  # noqa: E402
-    LAYER_576, delta_of, deltatune_saved_loads_in_peft, peft_saved_loads_in_deltatune,
-)
-from toys import make, run  # noqa: E402
-
-peft = pytest.importorskip("peft")
+from peft_roundtrip import deltatune_saved_loads_in_peft, from_peft_kwargs, peft, peft_saved_loads_in_deltatune
+from test_loha import LAYER_576, delta_of
+from toys import make, save_and_reload
 
 Q = "model.layers.0.self_attn.q_proj"
 
@@ -42,20 +33,15 @@ def test_delta_weight_is_the_real_inverse_dft_of_the_seeded_sparse_spectrum():
 
 
 def test_positions_regenerate_from_the_seed_and_are_not_saved(tmp_path):
-    model, x = make("llama")
+    model, _ = make("llama")
     deltatune.attach(model, deltatune.config("fourierft", n_frequency=5, seed=3, targets=["q_proj"]))
     entries = delta_of(model, Q).entries.clone()
     other, _ = make("llama")
     deltatune.attach(other, deltatune.config("fourierft", n_frequency=5, seed=4, targets=["q_proj"]))
     assert not torch.equal(delta_of(other, Q).entries, entries)
-    out = run(model, x)
-    deltatune.save(model, tmp_path / "a")
-    keys = set(load_file(tmp_path / "a" / "adapter_model.safetensors"))
+    keys, fresh = save_and_reload(model, "llama", tmp_path)
     assert {k.rsplit(".", 1)[-1] for k in keys} == {"fourierft_spectrum"}
-    fresh, _ = make("llama")
-    deltatune.load(fresh, tmp_path / "a")
     assert torch.equal(delta_of(fresh, Q).entries, entries)
-    torch.testing.assert_close(run(fresh, x), out)
 
 
 def test_parameter_count_on_a_576_layer():
@@ -80,11 +66,7 @@ PEFT_CASES = [
 
 
 @pytest.mark.parametrize("toy,kwargs", PEFT_CASES)
-def test_peft_saved_fourierft_loads_in_deltatune(toy, kwargs, tmp_path):
+def test_peft_parity_both_ways(toy, kwargs, tmp_path):
     peft_saved_loads_in_deltatune(peft.FourierFTConfig(**kwargs), toy, tmp_path)
-
-
-@pytest.mark.parametrize("toy,kwargs", PEFT_CASES)
-def test_deltatune_saved_fourierft_loads_in_peft(toy, kwargs, tmp_path):
-    renames = {"scaling": "alpha", "random_loc_seed": "seed"}
-    deltatune_saved_loads_in_peft("fourierft", kwargs, toy, tmp_path, renames)
+    ours = from_peft_kwargs("fourierft", kwargs, {"scaling": "alpha", "random_loc_seed": "seed"})
+    deltatune_saved_loads_in_peft(ours, toy, tmp_path)

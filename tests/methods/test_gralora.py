@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_hira import check_deltatune_saved_loads, check_peft_saved_loads, layer_count, linear  # noqa: E402
+import deltatune
+from deltatune import DeltatuneError
+from deltatune.methods import gralora  # noqa: F401
 
-import deltatune  # noqa: E402
-from deltatune import DeltatuneError  # noqa: E402
-from deltatune.methods import gralora  # noqa: E402, F401
-
-peft = pytest.importorskip("peft")
+from peft_roundtrip import deltatune_saved_loads_in_peft, peft, peft_saved_loads_in_deltatune
+from test_hira import layer_count, linear
 
 
 def block(delta, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +46,7 @@ def test_a_block_only_sees_its_own_input_channels():
 def test_forward_and_gathered_factors_match_the_dense_update():
     model, delta, host = linear("gralora", out=12, inp=16, r=4, k=2, hybrid_r=3, init="random")
     update = delta.delta_weight(host)
-    down, up = delta.low_rank_factors(host)
+    down, up = delta.factors(host)
     assert down.shape == (2 * 4 + 3, 16)
     torch.testing.assert_close(up @ down, update)
     x = torch.randn(5, 16)
@@ -72,16 +67,16 @@ PEFT_CASES = {
 @pytest.mark.parametrize("toy", sorted(PEFT_CASES))
 def test_peft_saved_gralora_loads_in_deltatune(toy, tmp_path):
     targets, fields = PEFT_CASES[toy]
-    check_peft_saved_loads(peft.GraloraConfig(target_modules=targets, init_weights=False, **fields), toy, "gralora_",
-                           tmp_path)
+    peft_saved_loads_in_deltatune(peft.GraloraConfig(target_modules=targets, init_weights=False, **fields), toy,
+                                  tmp_path)
 
 
 @pytest.mark.parametrize("toy", sorted(PEFT_CASES))
 def test_deltatune_saved_gralora_loads_in_peft(toy, tmp_path):
     targets, fields = PEFT_CASES[toy]
-    ours = {"r": fields["r"], "alpha": fields["alpha"], "k": fields["gralora_k"],
-            "hybrid_r": fields.get("hybrid_r", 0)}
-    check_deltatune_saved_loads("gralora", ours, targets, toy, tmp_path)
+    ours = deltatune.config("gralora", targets=targets, r=fields["r"], alpha=fields["alpha"], k=fields["gralora_k"],
+                            hybrid_r=fields.get("hybrid_r", 0))
+    deltatune_saved_loads_in_peft(ours, toy, tmp_path)
 
 
 def test_bad_k_names_the_field_and_the_module():

@@ -1,26 +1,21 @@
 """HiRA: ΔW = W0 ⊙ (B·A), high rank from a rank-r product; PEFT parity both ways.
 
-Also holds the helpers the other low-rank-variant tests share (a one-layer host, PEFT round trips).
+Also holds the helpers the other low-rank-variant tests share (a one-layer host, parameter counts).
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared toy models
-import deltatune  # noqa: E402
-from deltatune import DeltatuneError  # noqa: E402
-from deltatune.core.hosts import to_matrix  # noqa: E402
-from deltatune.core.slot import Host  # noqa: E402
-from deltatune.methods import hira  # noqa: E402, F401
-from toys import make, perturb, run  # noqa: E402
-
-peft = pytest.importorskip("peft")
+import deltatune
+from deltatune import DeltatuneError
+from deltatune.core.hosts import to_matrix
+from deltatune.core.slot import Host
+from deltatune.methods import hira  # noqa: F401
+from peft_roundtrip import deltatune_saved_loads_in_peft, peft, peft_saved_loads_in_deltatune
+from toys import make, perturb, run
 
 
 # ---- shared helpers -------------------------------------------------------------------------------------------------
@@ -46,39 +41,6 @@ def layer_count(method: str, **fields) -> int:
     model = nn.Sequential(nn.Linear(576, 576))
     deltatune.attach(model, deltatune.config(method, targets=["0"], **fields))
     return sum(p.numel() for p in deltatune.trainable_parameters(model))
-
-
-def randomise_peft(model: nn.Module, prefix: str, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if prefix in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-
-
-def check_peft_saved_loads(peft_config, toy: str, prefix: str, tmp_path) -> None:
-    """A PEFT-saved adapter with random weights gives PEFT's logits once loaded by deltatune."""
-    model, x = make(toy)
-    peft_model = peft.get_peft_model(model, peft_config)
-    randomise_peft(peft_model, prefix, 0)
-    peft_model.eval()
-    expected = run(peft_model, x)
-    peft_model.save_pretrained(tmp_path / "p")
-    ours, _ = make(toy)
-    deltatune.load(ours, tmp_path / "p")
-    torch.testing.assert_close(run(ours, x), expected, atol=1e-5, rtol=1e-5)
-
-
-def check_deltatune_saved_loads(method: str, fields: dict, targets: list[str], toy: str, tmp_path) -> None:
-    """A deltatune-saved adapter gives deltatune's logits once loaded by PEFT."""
-    model, x = make(toy)
-    deltatune.attach(model, deltatune.config(method, targets=targets, **fields))
-    perturb(model, "default", seed=0)
-    expected = run(model, x)
-    deltatune.save(model, tmp_path / "d")
-    fresh, _ = make(toy)
-    peft_model = peft.PeftModel.from_pretrained(fresh, tmp_path / "d").eval()
-    torch.testing.assert_close(run(peft_model, x), expected, atol=1e-5, rtol=1e-5)
 
 
 # ---- HiRA -----------------------------------------------------------------------------------------------------------
@@ -122,12 +84,12 @@ TARGETS = {"llama": ["q_proj", "v_proj", "down_proj", "embed_tokens"], "gpt2": [
 @pytest.mark.parametrize("toy", sorted(TARGETS))
 def test_peft_saved_hira_loads_in_deltatune(toy, tmp_path):
     config = peft.HiraConfig(r=2, target_modules=TARGETS[toy], init_weights=False)
-    check_peft_saved_loads(config, toy, "hira_", tmp_path)
+    peft_saved_loads_in_deltatune(config, toy, tmp_path)
 
 
 @pytest.mark.parametrize("toy", sorted(TARGETS))
 def test_deltatune_saved_hira_loads_in_peft(toy, tmp_path):
-    check_deltatune_saved_loads("hira", {"r": 2}, TARGETS[toy], toy, tmp_path)
+    deltatune_saved_loads_in_peft(deltatune.config("hira", r=2, targets=TARGETS[toy]), toy, tmp_path)
 
 
 def test_bad_rank_names_the_field():

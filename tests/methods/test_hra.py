@@ -91,4 +91,4 @@ def test_peft_saved_hra_loads_with_peft_logits(gs, toy, tmp_path):
 @pytest.mark.parametrize("gs,toy", CASES)
 def test_deltatune_saved_hra_loads_in_peft(gs, toy, tmp_path):
     fields = {"targets": PEFT_TOYS[toy], "r": 3, "apply_gs": gs, "init": "random"}
-    deltatune_saved_loads_in_peft("hra", fields, toy, tmp_path)
+    deltatune_saved_loads_in_peft(deltatune.config("hra", **fields), toy, tmp_path)

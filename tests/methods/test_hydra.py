@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,8 +11,7 @@ import deltatune
 import deltatune.methods.hydra  # noqa: F401
 from deltatune import DeltatuneError
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_multilora import attached, layer_info, randomize  # noqa: E402
+from test_multilora import attached, layer_info, randomize
 
 
 def test_forward_is_parallel_branch_plus_sequential_branch_on_the_pretrained_output():

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,10 +11,8 @@ import deltatune
 import deltatune.methods.ia3  # noqa: F401
 from deltatune import DeltatuneError
 
-sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared toy models (until a conftest adds it)
-from toys import make, perturb, run  # noqa: E402
-
-peft = pytest.importorskip("peft")
+from peft_roundtrip import deltatune_saved_loads_in_peft, peft, peft_saved_loads_in_deltatune
+from toys import make
 
 
 def _vector(model, path, name="default"):
@@ -95,45 +90,15 @@ PARITY = {
 }
 
 
-def assert_peft_saved_loads_in_deltatune(toy, peft_config, tmp_path, randomise=None) -> None:
-    """A PEFT adapter (made by `peft_config`, then `randomise`d) gives PEFT's logits in deltatune, merged too."""
-    model, x = make(toy)
-    peft_model = peft.get_peft_model(model, peft_config)
-    if randomise is not None:
-        randomise(peft_model)
-    peft_model.eval()
-    expected = run(peft_model, x)
-    with peft_model.disable_adapter():
-        assert not torch.allclose(run(peft_model, x), expected), "the PEFT adapter must change the output"
-    peft_model.save_pretrained(tmp_path / "p")
-    ours, _ = make(toy)
-    deltatune.load(ours, tmp_path / "p")
-    torch.testing.assert_close(run(ours, x), expected, atol=1e-5, rtol=1e-5)
-    deltatune.merge(ours)
-    torch.testing.assert_close(run(ours, x), expected, atol=1e-5, rtol=1e-5)
-
-
-def assert_deltatune_saved_loads_in_peft(toy, config, tmp_path) -> None:
-    """A perturbed deltatune adapter saved in PEFT's format gives the same logits in PEFT."""
-    model, x = make(toy)
-    deltatune.attach(model, config)
-    perturb(model, "default", seed=0)
-    expected = run(model, x)
-    deltatune.save(model, tmp_path / "d")
-    fresh, _ = make(toy)
-    peft_model = peft.PeftModel.from_pretrained(fresh, tmp_path / "d").eval()
-    torch.testing.assert_close(run(peft_model, x), expected, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("toy", sorted(PARITY))
 def test_peft_saved_loads_in_deltatune(toy, tmp_path):
     targets, feedforward = PARITY[toy]
     cfg = peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, init_ia3_weights=False)
-    assert_peft_saved_loads_in_deltatune(toy, cfg, tmp_path)
+    peft_saved_loads_in_deltatune(cfg, toy, tmp_path, merge_ours=True)
 
 
 @pytest.mark.parametrize("toy", sorted(PARITY))
 def test_deltatune_saved_loads_in_peft(toy, tmp_path):
     targets, feedforward = PARITY[toy]
     config = deltatune.config("ia3", targets=targets, feedforward_modules=feedforward)
-    assert_deltatune_saved_loads_in_peft(toy, config, tmp_path)
+    deltatune_saved_loads_in_peft(config, toy, tmp_path)

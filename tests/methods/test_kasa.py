@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -12,10 +9,7 @@ import deltatune
 from deltatune.catalog import REFERENCE_LAYER
 from test_spectral import linear_host
 
-sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/, for the toy models when this file runs alone
-from toys import make, perturb, run  # noqa: E402
-
-peft = pytest.importorskip("peft")
+from peft_roundtrip import deltatune_saved_loads_in_peft, peft, peft_saved_loads_in_deltatune
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "mlp": ["lin0", "lin1", "lin2"]}  # PEFT: Linear only
 
@@ -29,37 +23,18 @@ def _peft_claim_is_ours() -> None:
 @pytest.mark.parametrize("toy", sorted(TARGETS))
 def test_peft_saved_loads_in_deltatune(toy, tmp_path):
     _peft_claim_is_ours()
-    model, x = make(toy)
     cfg = peft.LoraConfig(target_modules=TARGETS[toy], r=2, lora_alpha=6, init_lora_weights=False,
                           kasa_config=peft.KasaConfig(beta=0.01, gamma=0.02))
-    peft_model = peft.get_peft_model(model, cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    expected = run(peft_model.eval(), x)
-    peft_model.save_pretrained(tmp_path / "p")
-
-    ours, _ = make(toy)
-    deltatune.load(ours, tmp_path / "p")
+    ours = peft_saved_loads_in_deltatune(cfg, toy, tmp_path, scale=0.3)
     config = deltatune.adapters(ours)["default"]
     assert config.method == "kasa" and (config.beta, config.gamma, config.r, config.alpha) == (0.01, 0.02, 2, 6)
-    torch.testing.assert_close(run(ours, x), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("toy", sorted(TARGETS))
 def test_deltatune_saved_loads_in_peft(toy, tmp_path):
-    model, x = make(toy)
-    deltatune.attach(model, deltatune.config("kasa", targets=TARGETS[toy], r=2, alpha=6))
-    perturb(model, "default", seed=0)
-    expected = run(model, x)
-    deltatune.save(model, tmp_path / "d")
-
-    fresh, _ = make(toy)
-    peft_model = peft.PeftModel.from_pretrained(fresh, tmp_path / "d").eval()
+    config = deltatune.config("kasa", targets=TARGETS[toy], r=2, alpha=6)
+    peft_model = deltatune_saved_loads_in_peft(config, toy, tmp_path)
     assert peft_model.peft_config["default"].kasa_config is not None
-    torch.testing.assert_close(run(peft_model, x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_base_becomes_its_best_rank_k_minus_r_approximation():

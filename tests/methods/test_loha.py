@@ -1,12 +1,9 @@
 """LoHa: Hadamard structure of ΔW, rank beyond r, parameter count, PEFT parity (Linear, Conv, CP convs).
 
-Also holds the PEFT round-trip helpers that the other structured-method tests import.
+Also holds the small helpers the other structured-method tests import.
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,49 +12,10 @@ import deltatune
 import deltatune.methods.loha  # noqa: F401
 from deltatune import DeltatuneError
 from deltatune.core.hosts import HostInfo
-
-sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared toy models (until a conftest adds it)
-from toys import make, perturb, run  # noqa: E402
-
-peft = pytest.importorskip("peft")
+from peft_roundtrip import deltatune_saved_loads_in_peft, from_peft_kwargs, peft, peft_saved_loads_in_deltatune
+from toys import make, run
 
 LAYER_576 = HostInfo("linear", 576, 576, (), (576, 576), True, -1)
-
-
-def peft_saved_loads_in_deltatune(peft_config, toy: str, tmp_path: Path, seed: int = 0) -> None:
-    """A PEFT adapter with random non-zero weights gives PEFT's logits once loaded into deltatune."""
-    model, x = make(toy)
-    base = run(model, x)
-    peft_model = peft.get_peft_model(model, peft_config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in (p for p in peft_model.parameters() if p.requires_grad):
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    peft_model.eval()
-    expected = run(peft_model, x)
-    assert (expected - base).abs().max() > 1e-3, "the PEFT adapter must change the output"
-    peft_model.save_pretrained(tmp_path / "p")
-    ours, _ = make(toy)
-    deltatune.load(ours, tmp_path / "p")
-    torch.testing.assert_close(run(ours, x), expected, atol=1e-5, rtol=1e-5)
-
-
-def deltatune_saved_loads_in_peft(method: str, peft_kwargs: dict, toy: str, tmp_path: Path,
-                                  renames: dict | None = None) -> None:
-    """A deltatune adapter with random non-zero weights gives the same logits once loaded into PEFT. The config
-    is written with PEFT's field names, renamed to ours by `renames` (target_modules -> targets always)."""
-    names = {"target_modules": "targets", **(renames or {})}
-    fields = {names.get(k, k): v for k, v in peft_kwargs.items()}
-    model, x = make(toy)
-    base = run(model, x)
-    deltatune.attach(model, deltatune.config(method, **fields))
-    perturb(model, "default", seed=0)
-    expected = run(model, x)
-    assert (expected - base).abs().max() > 1e-3, "the adapter must change the output"
-    deltatune.save(model, tmp_path / "d")
-    fresh, _ = make(toy)
-    peft_model = peft.PeftModel.from_pretrained(fresh, tmp_path / "d").eval()
-    torch.testing.assert_close(run(peft_model, x), expected, atol=1e-5, rtol=1e-5)
 
 
 def delta_of(model, path: str, name: str = "default"):
@@ -126,10 +84,6 @@ PEFT_CASES = [
 
 
 @pytest.mark.parametrize("toy,kwargs", PEFT_CASES)
-def test_peft_saved_loha_loads_in_deltatune(toy, kwargs, tmp_path):
+def test_peft_parity_both_ways(toy, kwargs, tmp_path):
     peft_saved_loads_in_deltatune(peft.LoHaConfig(init_weights=False, **kwargs), toy, tmp_path)
-
-
-@pytest.mark.parametrize("toy,kwargs", PEFT_CASES)
-def test_deltatune_saved_loha_loads_in_peft(toy, kwargs, tmp_path):
-    deltatune_saved_loads_in_peft("loha", kwargs, toy, tmp_path)
+    deltatune_saved_loads_in_peft(from_peft_kwargs("loha", kwargs), toy, tmp_path)

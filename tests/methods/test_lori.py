@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +14,7 @@ from deltatune import DeltatuneError
 from deltatune.core.slot import Host
 from deltatune.methods.lori import calibrate_masks
 
-sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared toy models
-from toys import make, perturb, run  # noqa: E402
+from toys import make, perturb, run
 
 
 def _linear(name="default", model=None, **fields):

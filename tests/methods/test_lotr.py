@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import deltatune
 from deltatune.core.api import shared_of
@@ -16,10 +12,8 @@ from deltatune import DeltatuneError
 from deltatune.core.slot import slots_of
 from deltatune.methods.lotr import LotrDelta
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-sys.path.insert(0, str(Path(__file__).parent))
-from test_loha import LAYER_576, delta_of  # noqa: E402
-from toys import make, perturb, run  # noqa: E402
+from test_loha import LAYER_576, delta_of
+from toys import make, perturb, save_and_reload
 
 Q0, Q1, V0 = (f"model.layers.{i}.self_attn.{n}_proj" for i, n in ((0, "q"), (1, "q"), (0, "v")))
 
@@ -35,8 +29,8 @@ def test_same_shaped_layers_share_l_and_r_and_each_core_reproduces_its_delta():
     model, _ = _lotr(alpha=3.0)
     q0, q1, v0 = delta_of(model, Q0), delta_of(model, Q1), delta_of(model, V0)
     assert q0.group == q1.group == "16x16" and v0.group == "8x16"
-    lhs, rhs = q0.factors()
-    assert lhs is q1.factors()[0] and rhs is q1.factors()[1] and lhs is not v0.factors()[0]
+    lhs, rhs = q0.shared_factors()
+    assert lhs is q1.shared_factors()[0] and rhs is q1.shared_factors()[1] and lhs is not v0.shared_factors()[0]
     for d in (q0, q1):  # the Tucker-2 slices: ΔW_l = s·L·G_l·R
         torch.testing.assert_close(d.delta_weight(None), lhs @ d.lotr_core @ rhs * 1.5)
     assert not torch.allclose(q0.delta_weight(None), q1.delta_weight(None))
@@ -50,7 +44,7 @@ def test_share_by_name_separates_modules_of_one_shape():
 
 
 def test_shared_factors_train_once_and_are_saved_once(tmp_path):
-    model, x = _lotr()
+    model, _ = _lotr()
     trainable = dict(deltatune.named_trainable_parameters(model))
     infos = {path: slot.info for path, _, slot in slots_of(model)}
     config = deltatune.adapters(model)["default"]
@@ -58,15 +52,10 @@ def test_shared_factors_train_once_and_are_saved_once(tmp_path):
     count = sum(p.numel() for p in trainable.values())
     assert count == formula + LotrDelta.num_shared_parameters(config, infos)
     assert count == 6 * 4 + 2 * (16 + 16) + 2 * (8 + 16)  # 6 cores, 2 groups
-    out = run(model, x)
-    deltatune.save(model, tmp_path / "a")
-    keys = sorted(load_file(tmp_path / "a" / "adapter_model.safetensors"))
-    assert [k for k in keys if "shared" in k] == [f"base_model.model.deltatune_shared.{side}.{group}"
-                                                   for side in ("lhs", "rhs") for group in ("16x16", "8x16")]
-    fresh, _ = make("llama")
-    deltatune.load(fresh, tmp_path / "a")
-    torch.testing.assert_close(run(fresh, x), out)
-    assert delta_of(fresh, Q0).factors()[0] is delta_of(fresh, Q1).factors()[0]
+    keys, fresh = save_and_reload(model, "llama", tmp_path)
+    assert sorted(k for k in keys if "shared" in k) == [f"base_model.model.deltatune_shared.{side}.{group}"
+                                                        for side in ("lhs", "rhs") for group in ("16x16", "8x16")]
+    assert delta_of(fresh, Q0).shared_factors()[0] is delta_of(fresh, Q1).shared_factors()[0]
 
 
 def test_parameter_count_on_a_576_layer():

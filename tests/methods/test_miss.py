@@ -3,9 +3,6 @@ along the output; parameter count; PEFT parity for the three forms."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,14 +11,9 @@ import deltatune.methods.miss  # noqa: F401
 from deltatune import DeltatuneError
 from deltatune.core.slot import Host
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-sys.path.insert(0, str(Path(__file__).parent))
-from test_loha import (  # noqa: E402
-    LAYER_576, delta_of, deltatune_saved_loads_in_peft, peft_saved_loads_in_deltatune,
-)
-from toys import make, perturb  # noqa: E402
-
-peft = pytest.importorskip("peft")
+from peft_roundtrip import deltatune_saved_loads_in_peft, from_peft_kwargs, peft, peft_saved_loads_in_deltatune
+from test_loha import LAYER_576, delta_of
+from toys import make, perturb
 
 DOWN = "model.layers.0.mlp.down_proj"  # (16, 32)
 
@@ -90,10 +82,6 @@ PEFT_CASES = [
 
 
 @pytest.mark.parametrize("kwargs", PEFT_CASES)
-def test_peft_saved_miss_loads_in_deltatune(kwargs, tmp_path):
+def test_peft_parity_both_ways(kwargs, tmp_path):
     peft_saved_loads_in_deltatune(peft.MissConfig(**kwargs), "llama", tmp_path)
-
-
-@pytest.mark.parametrize("kwargs", PEFT_CASES)
-def test_deltatune_saved_miss_loads_in_peft(kwargs, tmp_path):
-    deltatune_saved_loads_in_peft("miss", kwargs, "llama", tmp_path, {"init_weights": "init"})
+    deltatune_saved_loads_in_peft(from_peft_kwargs("miss", kwargs, {"init_weights": "init"}), "llama", tmp_path)

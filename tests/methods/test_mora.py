@@ -4,9 +4,6 @@ diagonal blocks are M·R_b; the sharing operator's ΔW is periodic; identity at 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,8 +11,7 @@ import deltatune
 import deltatune.methods.mora  # noqa: F401
 from deltatune import DeltatuneError
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_multilora import attached, layer_info, randomize  # noqa: E402
+from test_multilora import attached, layer_info, randomize
 
 
 @pytest.mark.parametrize("operator", ["rotation", "sharing"])

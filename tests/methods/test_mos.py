@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 import deltatune
@@ -16,8 +12,7 @@ import deltatune.methods.mos  # noqa: F401
 from deltatune import DeltatuneError
 from deltatune.core.slot import Host
 
-sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared toy models
-from toys import make, perturb, run  # noqa: E402
+from toys import make, perturb, run, save_and_reload
 
 
 class Block(nn.Module):
@@ -94,7 +89,7 @@ def test_parameter_count_equals_lora_of_the_equivalent_rank():
 def test_vector_sharding_cuts_shards_to_widths_l_does_not_divide():
     model, deltas, shared = _stack(layers=2, width_in=10, width_out=3, r=2, shards_per_vector=2)
     assert shared.pools["proj_3x10_A"].shape[1] == 5 and shared.pools["proj_3x10_B"].shape[1] == 2
-    down, up = deltas[0].factors()
+    down, up = deltas[0].factors(None)
     assert down.shape == (2, 10) and up.shape == (3, 2)
 
 
@@ -107,13 +102,8 @@ def test_identity_at_init_and_the_pools_are_saved_once(tmp_path):
     perturb(model, "default", 0)
     with torch.no_grad():
         shared_of(model, "default").pools["q_proj_16x16_B"].normal_()
-    out = run(model, x)
-    deltatune.save(model, tmp_path / "a")
-    keys = set(load_file(tmp_path / "a" / "adapter_model.safetensors"))
+    keys, _ = save_and_reload(model, "llama", tmp_path)
     assert sum(".pools." in k for k in keys) == 4  # two groups × (A, B)
-    fresh, _ = make("llama")
-    deltatune.load(fresh, tmp_path / "a")
-    torch.testing.assert_close(run(fresh, x), out, atol=1e-6, rtol=0)
 
 
 def test_pool_too_small_for_the_draw_is_refused():

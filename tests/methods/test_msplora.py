@@ -3,9 +3,6 @@ mid-level pair by the layers of one group, the layer pair by nobody; identity at
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,11 +12,9 @@ import deltatune.methods.msplora  # noqa: F401
 from deltatune import DeltatuneError
 from deltatune.core.slot import Host, slots_of
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-sys.path.insert(0, str(Path(__file__).parent))
-from test_denselora import llama_with, model_config  # noqa: E402
-from test_multilora import layer_info, randomize  # noqa: E402
-from toys import make, run  # noqa: E402
+from test_denselora import llama_with, model_config
+from test_multilora import layer_info, randomize
+from toys import make, run
 
 
 def q_deltas(model):

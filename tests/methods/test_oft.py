@@ -1,13 +1,12 @@
 """OFT: orthogonal block rotation (exact Cayley), hyperspherical energy kept, COFT radius, block sharing, PEFT's
 block-size rule, the paper's parameter count, PEFT parity.
 
-Also holds the PEFT round-trip helpers used by the other orthogonal-family tests (BOFT, HRA).
+Also holds the helpers the other orthogonal-family tests (BOFT, HRA, ...) share.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
@@ -20,10 +19,9 @@ from deltatune.core.hosts import HostInfo
 from deltatune.core.slot import Host
 from deltatune.methods.oft import OftDelta, cayley, cayley_neumann, skew_symmetric
 
-sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared toy models
-from toys import make, perturb, run  # noqa: E402
-
-peft = pytest.importorskip("peft")
+import peft_roundtrip as roundtrip
+from peft_roundtrip import peft
+from toys import make
 
 LAYER_576 = HostInfo("linear", 576, 576, (), (576, 576), True, -1)
 
@@ -33,40 +31,10 @@ def delta_and_host(model: nn.Module, path: str, name: str = "default"):
     return module.deltatune[name], Host(module, module.deltatune)
 
 
-def peft_saved_loads_in_deltatune(peft_config, toy: str, tmp_path: Path, merged: bool = False) -> None:
-    """A PEFT adapter with random non-zero weights gives PEFT's logits once loaded into deltatune (with merged=True:
-    the logits of PEFT's merged model, for layers whose unmerged PEFT forward is not its own merged form)."""
-    model, x = make(toy)
-    base = run(model, x)
-    peft_model = peft.get_peft_model(model, peft_config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in (p for p in peft_model.parameters() if p.requires_grad):
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    peft_model.eval()
-    expected = run(peft_model, x)  # PEFT's COFT projects its parameters here, before saving
-    assert (expected - base).abs().max() > 1e-3, "the PEFT adapter must change the output"
-    peft_model.save_pretrained(tmp_path / "p")
-    if merged:
-        expected = run(peft_model.merge_and_unload(), x)
-    ours, _ = make(toy)
-    deltatune.load(ours, tmp_path / "p")
-    torch.testing.assert_close(run(ours, x), expected, atol=1e-5, rtol=1e-5)
-
-
-def deltatune_saved_loads_in_peft(method: str, fields: dict, toy: str, tmp_path: Path, merged: bool = False) -> None:
-    """A deltatune adapter with random non-zero weights gives the same logits once loaded into PEFT."""
-    model, x = make(toy)
-    base = run(model, x)
-    deltatune.attach(model, deltatune.config(method, **fields))
-    perturb(model, "default", seed=0, scale=0.05)
-    expected = run(model, x)
-    assert (expected - base).abs().max() > 1e-3, "the adapter must change the output"
-    deltatune.save(model, tmp_path / "d")
-    fresh, _ = make(toy)
-    peft_model = peft.PeftModel.from_pretrained(fresh, tmp_path / "d").eval()
-    got = run(peft_model.merge_and_unload() if merged else peft_model, x)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+# The orthogonal family's round trips use small perturbations: rotations stay near the identity (and inside COFT's
+# radius, which PEFT projects onto before saving).
+peft_saved_loads_in_deltatune = partial(roundtrip.peft_saved_loads_in_deltatune, scale=0.05)
+deltatune_saved_loads_in_peft = partial(roundtrip.deltatune_saved_loads_in_peft, scale=0.05)
 
 
 def attach_linear(method: str, in_features: int, out_features: int, **fields):
@@ -195,4 +163,4 @@ def test_peft_saved_oft_loads_with_peft_logits(variant, toy, tmp_path):
 def test_deltatune_saved_oft_loads_in_peft(variant, toy, tmp_path):
     _, _, ours = variant
     fields = {"block_size": 4, "targets": PEFT_TOYS[toy], **ours}
-    deltatune_saved_loads_in_peft("oft", fields, toy, tmp_path, merged=toy == "conv")
+    deltatune_saved_loads_in_peft(deltatune.config("oft", **fields), toy, tmp_path, merged=toy == "conv")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,8 +12,7 @@ from deltatune import DeltatuneError
 from deltatune.core.slot import Host
 from deltatune.methods.pmss import pivoted_columns
 
-sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared toy models
-from toys import make, perturb, run  # noqa: E402
+from toys import make, perturb, run
 
 
 def _linear(r=4, width_in=24, width_out=18):

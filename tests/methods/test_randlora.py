@@ -3,9 +3,6 @@ one term stays rank r; the bases are PEFT's draws from the seed; parameter count
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,15 +10,9 @@ import deltatune
 import deltatune.methods.randlora  # noqa: F401
 from deltatune import DeltatuneError
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-sys.path.insert(0, str(Path(__file__).parent))
-from test_vera import (  # noqa: E402
-    LAYER_576, PEFT_TARGETS, delta_of, deltatune_saved_loads_in_peft, needs_shared_keys_at_base_model,
-    peft_and_ours, peft_saved_loads_in_deltatune, shared_of,
-)
-from toys import make, perturb  # noqa: E402
-
-peft = pytest.importorskip("peft")
+from peft_roundtrip import deltatune_saved_loads_in_peft, peft, peft_saved_loads_in_deltatune
+from test_vera import LAYER_576, PEFT_TARGETS, delta_of, needs_shared_keys_at_base_model, peft_and_ours, shared_of
+from toys import make, perturb
 
 SHARED = ("randlora_A", "randlora_B")
 
@@ -102,10 +93,11 @@ def test_peft_saved_randlora_loads_in_deltatune(toy, tmp_path):
 @needs_shared_keys_at_base_model
 @pytest.mark.parametrize("toy", ["gpt2", "llama"])
 def test_deltatune_saved_randlora_loads_in_peft(toy, tmp_path):
-    deltatune_saved_loads_in_peft("randlora", {"r": 4, "alpha": 8.0, "targets": PEFT_TARGETS[toy]}, toy, tmp_path)
+    config = deltatune.config("randlora", r=4, alpha=8.0, targets=PEFT_TARGETS[toy])
+    deltatune_saved_loads_in_peft(config, toy, tmp_path)
 
 
 def test_deltatune_saved_seeded_randlora_loads_in_peft(tmp_path):
     """Without saved bases PEFT draws them again from the seed, the same draws as ours."""
     fields = {"r": 4, "alpha": 8.0, "targets": PEFT_TARGETS["llama"], "save_projection": False, "bases": "sparse"}
-    deltatune_saved_loads_in_peft("randlora", fields, "llama", tmp_path)
+    deltatune_saved_loads_in_peft(deltatune.config("randlora", **fields), "llama", tmp_path)

@@ -4,8 +4,6 @@ gives an exact identity start and advances with training forwards (saved with th
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +12,7 @@ import deltatune
 import deltatune.methods.singlora  # noqa: F401
 from deltatune import DeltatuneError
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_multilora import attached, layer_info, randomize  # noqa: E402
+from test_multilora import attached, layer_info, randomize
 
 
 def test_square_update_is_symmetric_and_rank_r():

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,8 +13,7 @@ from deltatune import DeltatuneError
 from deltatune.core.hosts import to_matrix
 from deltatune.core.slot import Host
 
-sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared toy models (until a conftest adds it)
-from toys import make, perturb  # noqa: E402
+from toys import make, perturb
 
 
 def _attach(model, path="0", name="default", **fields):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,11 +10,9 @@ import deltatune.methods.trainable_tokens  # noqa: F401
 from deltatune import DeltatuneError
 from deltatune.core.slot import Host
 
-sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared toy models (until a conftest adds it)
-from test_ia3 import assert_deltatune_saved_loads_in_peft, assert_peft_saved_loads_in_deltatune  # noqa: E402
-from toys import make, perturb  # noqa: E402
+from peft_roundtrip import deltatune_saved_loads_in_peft, peft, peft_saved_loads_in_deltatune
+from toys import make, perturb
 
-peft = pytest.importorskip("peft")
 SELECTED = [0, 3, 5, 8, 13, 21, 29]
 
 
@@ -57,9 +52,9 @@ def test_bad_token_indices(indices, message):
 def test_peft_saved_loads_in_deltatune(tmp_path):
     cfg = peft.TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=list(range(0, 64, 3)),
                                      init_weights=False)
-    assert_peft_saved_loads_in_deltatune("llama", cfg, tmp_path)
+    peft_saved_loads_in_deltatune(cfg, "llama", tmp_path, merge_ours=True)
 
 
 def test_deltatune_saved_loads_in_peft(tmp_path):
     config = deltatune.config("trainable_tokens", targets=["embed_tokens"], token_indices=list(range(1, 64, 2)))
-    assert_deltatune_saved_loads_in_peft("llama", config, tmp_path)
+    deltatune_saved_loads_in_peft(config, "llama", tmp_path)

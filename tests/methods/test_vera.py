@@ -6,24 +6,17 @@ Also holds the helpers the other shared-basis tests (VB-LoRA, RandLoRA, NOLA) im
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import deltatune
 import deltatune.methods.vera  # noqa: F401
 from deltatune import DeltatuneError
 from deltatune.core import io as deltatune_io
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-sys.path.insert(0, str(Path(__file__).parent))
-from test_loha import LAYER_576, delta_of, peft_saved_loads_in_deltatune  # noqa: E402
-from toys import make, perturb, run  # noqa: E402
-
-peft = pytest.importorskip("peft")
+from peft_roundtrip import deltatune_saved_loads_in_peft, peft, peft_saved_loads_in_deltatune, randomise
+from test_loha import LAYER_576, delta_of
+from toys import make, perturb, run, save_and_reload
 
 # PEFT keeps adapter-wide tensors at `base_model.<name>` (`base_model.vera_A`); the file round trip with PEFT needs
 # io to write shared keys relative to `base_model.` (see the shared-basis core patch).
@@ -37,14 +30,6 @@ def shared_of(model, name: str = "default"):  # noqa: F811
     from deltatune.core.api import shared_of as find
 
     return find(model, name)
-
-
-def save_and_reload(model, toy: str, tmp_path: Path):
-    """Save adapter "default" and load it into a fresh copy of the toy: (the saved tensors by key, the fresh model)."""
-    deltatune.save(model, tmp_path / "a")
-    fresh, _ = make(toy)
-    deltatune.load(fresh, tmp_path / "a")
-    return load_file(tmp_path / "a" / "adapter_model.safetensors"), fresh
 
 
 def copy_from_peft(peft_model, ours, shared_keys: tuple[str, ...]) -> None:
@@ -67,34 +52,11 @@ def peft_and_ours(peft_config, method: str, fields: dict, toy: str, shared_keys:
     weights: (input, PEFT model, our model)."""
     model, x = make(toy)
     peft_model = peft.get_peft_model(model, peft_config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in (p for p in peft_model.parameters() if p.requires_grad):
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    randomise(peft_model, seed)
     ours, _ = make(toy)
     deltatune.attach(ours, deltatune.config(method, **fields))
     copy_from_peft(peft_model, ours, shared_keys)
     return x, peft_model.eval(), ours
-
-
-def deltatune_saved_loads_in_peft(method: str, fields: dict, toy: str, tmp_path: Path) -> None:
-    """A deltatune adapter with random non-zero weights, adapter-wide tensors included (so PEFT must read them from
-    the file rather than draw them again from the seed), gives the same logits once loaded into PEFT."""
-    model, x = make(toy)
-    base = run(model, x)
-    deltatune.attach(model, deltatune.config(method, **fields))
-    perturb(model, "default", seed=0)
-    g = torch.Generator().manual_seed(1)
-    saved = deltatune.get_method(method).delta.shared_state_tensors(shared_of(model))
-    with torch.no_grad():
-        for tensor in saved.values():
-            tensor.add_(torch.randn(tensor.shape, generator=g) * 0.2)
-    expected = run(model, x)
-    assert (expected - base).abs().max() > 1e-3, "the adapter must change the output"
-    deltatune.save(model, tmp_path / "d")
-    fresh, _ = make(toy)
-    peft_model = peft.PeftModel.from_pretrained(fresh, tmp_path / "d").eval()
-    torch.testing.assert_close(run(peft_model, x), expected, atol=1e-5, rtol=1e-5)
 
 
 # ---- the defining property ----------------------------------------------------------------------------------------
@@ -134,14 +96,13 @@ def test_projections_are_peft_s_draws_from_the_seed(toy):
 
 
 def test_without_save_projection_the_file_holds_only_the_vectors(tmp_path):
-    model, x = make("llama")
+    model, _ = make("llama")
     deltatune.attach(model, deltatune.config("vera", r=4, save_projection=False, projection_prng_key=5,
                                              targets=["q_proj", "v_proj"]))
     perturb(model, "default", seed=0)
     keys, fresh = save_and_reload(model, "llama", tmp_path)
     assert keys and all(k.endswith(("vera_lambda_b", "vera_lambda_d")) for k in keys)
     assert torch.equal(shared_of(fresh).vera_A, shared_of(model).vera_A)
-    torch.testing.assert_close(run(fresh, x), run(model, x), atol=1e-6, rtol=0)
 
 
 def test_parameter_count_on_a_576_layer():
@@ -181,4 +142,4 @@ def test_peft_saved_vera_loads_in_deltatune(toy, tmp_path):
 @needs_shared_keys_at_base_model
 @pytest.mark.parametrize("toy", ["gpt2", "llama"])
 def test_deltatune_saved_vera_loads_in_peft(toy, tmp_path):
-    deltatune_saved_loads_in_peft("vera", {"r": 6, "targets": PEFT_TARGETS[toy]}, toy, tmp_path)
+    deltatune_saved_loads_in_peft(deltatune.config("vera", r=6, targets=PEFT_TARGETS[toy]), toy, tmp_path)

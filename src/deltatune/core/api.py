@@ -8,9 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compose import BatchSplit, Block, Node, Parallel, check_tree
 from .config import DeltaConfig
 from .errors import DeltatuneError, one_of
-from .hosts import host_info, module_dtype_for_delta, read_base_weight
+from .hosts import host_info, module_info, placement_of
+from .delta import has_pre_forward
 from .registry import MethodSpec, spec_of
 from .slot import (
     SHARED_CHILD,
@@ -52,7 +54,7 @@ def attach_at(model: nn.Module, config: DeltaConfig, paths: Sequence[str], name:
         setattr(model, STATE_ATTR, state)
     modules = dict(model.named_modules())
     try:
-        shared = _make_shared(model, spec, config, {p: host_info(modules[p], p) for p in paths}, name)
+        shared = _make_shared(model, spec, config, {p: _info(modules[p], p) for p in paths}, name)
         for i, path in enumerate(paths):
             _add_delta(spec, config, modules[path], path, name, state, shared, owns_shared=i == 0)
     except BaseException:
@@ -77,8 +79,8 @@ def _make_shared(model: nn.Module, spec: MethodSpec, config: DeltaConfig, infos:
     shared = spec.delta.make_shared(config, infos)
     if shared is None:
         return None
-    first = read_base_weight(dict(model.named_modules())[next(iter(infos))])
-    shared.to(device=first.device, dtype=module_dtype_for_delta(first))
+    device, dtype = placement_of(dict(model.named_modules())[next(iter(infos))])
+    shared.to(device=device, dtype=dtype)
     for p in shared.parameters():
         p.requires_grad_(True)
     return shared
@@ -91,7 +93,7 @@ def _check_name(name: str) -> None:
 
 def _add_delta(spec: MethodSpec, config: DeltaConfig, module: nn.Module, path: str, name: str, state,
                shared: nn.Module | None, owns_shared: bool) -> None:
-    info = host_info(module, path)
+    info = _info(module, path)
     slot = module._modules.get(SLOT_ATTR)
     if slot is None:
         if hasattr(module, SLOT_ATTR):
@@ -99,9 +101,9 @@ def _add_delta(spec: MethodSpec, config: DeltaConfig, module: nn.Module, path: s
         slot = DeltaSlot(info, path, state)
         module.add_module(SLOT_ATTR, slot)
         slot.hook_handle = module.register_forward_hook(slot.hook, with_kwargs=True)
-    weight = read_base_weight(module)
+    device, dtype = placement_of(module)
     delta = spec.delta(config, info, path)
-    delta.to(device=weight.device, dtype=module_dtype_for_delta(weight))
+    delta.to(device=device, dtype=dtype)
     delta.train(module.training)  # a model in eval mode gets deltas in eval mode (dropout off)
     for pname, p in delta.named_parameters():
         p.requires_grad_(pname not in delta.frozen_parameters)
@@ -110,8 +112,14 @@ def _add_delta(spec: MethodSpec, config: DeltaConfig, module: nn.Module, path: s
             delta._modules[SHARED_CHILD] = shared  # registered once, under the first delta
         object.__setattr__(delta, "shared", shared)  # plain attribute on every delta (and on the first too)
     slot[name] = delta
+    if has_pre_forward(type(delta)) and slot.pre_handle is None:
+        slot.pre_handle = module.register_forward_pre_hook(slot.pre_hook, with_kwargs=True)
     with torch.no_grad():
         delta.setup(Host(module, slot))
+
+
+def _info(module: nn.Module, path: str):
+    return host_info(module, path) or module_info(module, path)
 
 
 def _remove_adapter(model: nn.Module, name: str, state: RoutingState) -> None:
@@ -119,7 +127,7 @@ def _remove_adapter(model: nn.Module, name: str, state: RoutingState) -> None:
         if name in slot:
             del slot[name]
         if len(slot) == 0:
-            slot.hook_handle.remove()
+            slot.remove_hooks()
             del module._modules[SLOT_ATTR]
 
 
@@ -145,7 +153,7 @@ def detach(model: nn.Module) -> nn.Module:
     """
     state = require_state(model)
     for _, module, slot in slots_of(model):
-        slot.hook_handle.remove()
+        slot.remove_hooks()
         del module._modules[SLOT_ATTR]
     for n, p in model.named_parameters():
         p.requires_grad_(state.requires_grad_before.get(n, True))
@@ -179,34 +187,57 @@ def _record_merged(model: nn.Module, state: RoutingState) -> None:
 
 
 class use:
-    """Make `names` the active adapters (applied in order); None or [] means the base model.
+    """Make `names` the active adapters (applied in order); None or [] means the base model. A composition block
+    (`deltatune.Stack`, `Average`, `BatchSplit`, `Split`, `Fuse`) routes every adapted layer through that tree.
 
     Works as a context manager (restores the previous routing on exit) or as a plain call (stays in effect).
     """
 
-    def __init__(self, model: nn.Module, names: str | Sequence[str] | None) -> None:
+    def __init__(self, model: nn.Module, names: str | Sequence[str] | Block | None) -> None:
         state = require_state(model)
-        chosen = () if names is None else (names,) if isinstance(names, str) else tuple(names)
+        block = None
+        if isinstance(names, Block):
+            if isinstance(names, Parallel):
+                raise DeltatuneError("Parallel runs the model once per child: call deltatune.parallel(model, ...)")
+            check_tree(names)
+            block, chosen = names, tuple(dict.fromkeys(names.names()))
+        else:
+            chosen = () if names is None else (names,) if isinstance(names, str) else tuple(names)
+            if len(set(chosen)) != len(chosen):
+                raise DeltatuneError(f"use() got a name twice: {list(chosen)}")
         _known(state, chosen)
-        if len(set(chosen)) != len(chosen):
-            raise DeltatuneError(f"use() got a name twice: {list(chosen)}")
         left_out = _merged(model) - set(chosen)
         if left_out:
             raise DeltatuneError(
                 f"adapter(s) {sorted(left_out)} are merged into the weights and cannot be switched off; "
                 "call deltatune.unmerge(model) first"
             )
+        self._switch(state, chosen, None, block)
+
+    def _switch(self, state: RoutingState, active: tuple, rows, block) -> None:
         self.state = state
-        self.previous = (state.active, state.rows)
-        state.active, state.rows = chosen, None
+        self.previous = (state.active, state.rows, state.block)
+        state.active, state.rows, state.block = active, rows, block
         state.reset_plans()
 
     def __enter__(self) -> "use":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.state.active, self.state.rows = self.previous
+        self.state.active, self.state.rows, self.state.block = self.previous
         self.state.reset_plans()
+
+
+def parallel(model: nn.Module, block: Parallel | Sequence[Node], *args: Any, **kwargs: Any) -> Any:
+    """Run the same inputs through each child of `block` in one forward pass; outputs are stacked child-major along
+    the batch (rows [k·B, (k+1)·B) belong to child k). Tensor arguments are replicated along dimension 0."""
+    children = block.children if isinstance(block, Parallel) else tuple(block)
+    batch = next((a.shape[0] for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
+    if batch is None:
+        raise DeltatuneError("parallel() needs at least one tensor input with a batch dimension")
+    tile = lambda a: a.repeat(len(children), *([1] * (a.ndim - 1))) if torch.is_tensor(a) else a  # noqa: E731
+    with use(model, BatchSplit(*children, sizes=[batch] * len(children))):
+        return model(*[tile(a) for a in args], **{k: tile(v) for k, v in kwargs.items()})
 
 
 class per_sample(use):
@@ -227,10 +258,7 @@ class per_sample(use):
             raise DeltatuneError(
                 f"adapter(s) {sorted(merged)} are merged into the weights; unmerge before per-sample routing"
             )
-        self.state = state
-        self.previous = (state.active, state.rows)
-        state.active, state.rows = (), rows
-        state.reset_plans()
+        self._switch(state, (), rows, None)
 
 
 def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool = True) -> nn.Module:

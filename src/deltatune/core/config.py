@@ -52,6 +52,11 @@ class DeltaConfig:
         if isinstance(self.targets, list) and not self.targets:
             raise DeltatuneError(f"{self.method}: targets is an empty list; name at least one module or use 'all-linear'")
 
+    def default_targets(self, model) -> "TargetSpec":
+        """Where the method goes when `targets` is None (e.g. bottleneck adapters after each attention / MLP
+        block of a known architecture); None falls back to the per-architecture default of the targeting rules."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, with the method name under "method"."""
         out: dict[str, Any] = {"method": self.method}

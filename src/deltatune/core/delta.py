@@ -14,6 +14,8 @@ A method subclasses `Delta` and provides:
   (bmm/einsum) kernel; the inherited version runs each delta on its own rows only.
 - `num_parameters(config, info, path)` (classmethod): the paper's parameter-count formula, checked against the real
   count by the test matrix.
+- `pre_forward(args, kwargs, host)` (optional): change the host's *inputs* before it runs (prompt and prefix
+  tuning insert virtual tokens at the model body); `per_row_pre_forward` is its mixed-batch form.
 - `setup(host)` (optional): initialisation that needs the base weight (DoRA's magnitude, SVD-based inits).
 - `make_shared(config, hosts)` (classmethod, optional): a module of adapter-wide tensors (a vector bank, shared
   random bases, a hypernetwork) created once per adapter; every delta of that adapter sees it as `self.shared`.
@@ -53,6 +55,7 @@ class Delta(nn.Module):
     fast_parameters: ClassVar[tuple[str, ...]] = ()
     frozen_parameters: ClassVar[tuple[str, ...]] = ()
     uses_base_weight: ClassVar[bool] = False
+    raw_output: ClassVar[bool] = False  # forward gets the host's output as is (tuple / ModelOutput), not a tensor
     peft_layer_copies: ClassVar[tuple[str, ...]] = ()
 
     shared: nn.Module | None = None  # set by attach when the method has adapter-wide tensors (see make_shared)
@@ -97,6 +100,16 @@ class Delta(nn.Module):
             out = out.index_copy(0, rows, part)
         return out
 
+    def pre_forward(self, args: tuple, kwargs: dict, host: "Host") -> tuple[tuple, dict]:
+        """The host's inputs, changed (default: unchanged; only called for classes that override it)."""
+        return args, kwargs
+
+    @classmethod
+    def per_row_pre_forward(cls, deltas: list["Delta"], slots: Tensor, args: tuple, kwargs: dict, host: "Host",
+                            cache: dict) -> tuple[tuple, dict]:
+        """Mixed-batch form of `pre_forward`: row i uses deltas[slots[i]] (or none when slots[i] < 0)."""
+        raise DeltatuneError(f"{cls.__name__} changes its host's inputs and has no per-row path for mixed batches")
+
     def setup(self, host: "Host") -> None:
         """Called once after the delta is placed on its host; for inits that read the base weight."""
 
@@ -104,6 +117,16 @@ class Delta(nn.Module):
     def num_parameters(cls, config: Any, info: HostInfo, path: str) -> int:
         """Trainable parameters this delta has on a host, from the paper's formula."""
         raise NotImplementedError(f"{cls.__name__} must give its parameter-count formula")
+
+    @classmethod
+    def after_step(cls, deltas: dict[str, "Delta"], step: int, total_steps: int) -> None:
+        """Called by the trainer after every optimizer step with one adapter's deltas ({module path: delta}), for
+        methods that reallocate rank, freeze, prune or restart during training (AdaLoRA, DyLoRA, COLA, ...)."""
+
+    def regularization_loss(self) -> Tensor | None:
+        """A term the trainer adds to the loss while this delta trains (e.g. AdapterFusion's value-identity
+        regulariser, a mixture's load-balancing loss); None when the method has none."""
+        return None
 
     @classmethod
     def num_shared_parameters(cls, config: Any, hosts: dict[str, HostInfo]) -> int:
@@ -159,6 +182,10 @@ class Delta(nn.Module):
             raise DeltatuneError(f"{self.config.method}: rank must be > 0 at {self.path!r}, got {r}")
         if limit is not None and r > limit:
             raise DeltatuneError(f"{self.config.method}: rank {r} exceeds {limit} at {self.path!r}; lower r")
+
+
+def has_pre_forward(delta_cls: type[Delta]) -> bool:
+    return delta_cls.pre_forward is not Delta.pre_forward
 
 
 def is_mergeable(delta_cls: type[Delta]) -> bool:

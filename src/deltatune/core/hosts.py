@@ -25,6 +25,9 @@ LINEAR_KINDS = ("linear", "conv1d_hf")
 CONV_KINDS = ("conv1d", "conv2d", "conv3d")
 WEIGHT_KINDS = ("linear", "conv1d_hf", "embedding", "conv1d", "conv2d", "conv3d")  # hosts with a weight matrix
 ALL_KINDS = (*WEIGHT_KINDS, "norm")
+# "module": any other module (an MLP block, a decoder layer, the model body) for activation-space methods; its
+# widths are those of its first and last linear layers.
+MODULE_KIND = "module"
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,25 @@ def host_info(module: nn.Module, path: str = "") -> HostInfo | None:
             "convolutions — exclude it from targets"
         )
     return HostInfo(kind, module.in_channels, module.out_channels, tuple(module.kernel_size), shape, has_bias, 1)
+
+
+def module_info(module: nn.Module, path: str = "") -> HostInfo:
+    """HostInfo of a generic module host: in/out widths from its first and last linear-like sub-layers."""
+    linears = [m for m in module.modules() if host_kind(m) in LINEAR_KINDS]
+    if not linears:
+        raise DeltatuneError(f"module {path!r} ({type(module).__name__}) has no linear layer to infer its width from")
+    first, last = host_info(linears[0]), host_info(linears[-1])
+    return HostInfo(MODULE_KIND, first.in_features, last.out_features, (), (), False, -1)
+
+
+def placement_of(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where a host's deltas live: the base weight's device and a dtype for trainable parameters."""
+    kind = host_kind(module)
+    if kind is not None:
+        weight = read_base_weight(module)
+    else:
+        weight = next((p for p in module.parameters()), torch.empty(0))
+    return weight.device, module_dtype_for_delta(weight)
 
 
 WeightReader = Callable[[nn.Module], Tensor]

@@ -349,3 +349,46 @@ def _same_as_base(module: nn.Module, suffix: str, tensor: torch.Tensor) -> bool:
         "deltatune does not overwrite base weights"
     )
 
+
+COMPOSITION_NAME = "composition.json"
+
+
+def save_composition(model: nn.Module, directory: str | os.PathLike, block) -> Path:
+    """Save a composition tree and every adapter it names (each in its own sub-directory) together."""
+    from .compose import Block
+
+    if not isinstance(block, Block):
+        raise DeltatuneError("save_composition needs a composition block (Stack, Average, ...)")
+    state = require_state(model)
+    names = list(dict.fromkeys(block.names()))
+    _known(state, names)
+    files = {COMPOSITION_NAME: json.dumps({"composition": block.to_dict(), "adapters": names}, indent=2).encode()}
+    target = atomic_write_files(directory, files)
+    for name in names:
+        save(model, target / name, name=name)
+    return target
+
+
+def load_composition(model: nn.Module, directory: str | os.PathLike):
+    """Load every adapter of a saved composition (under its own name) and return the composition tree."""
+    from .compose import block_from_dict
+
+    path = Path(directory) / COMPOSITION_NAME
+    if not path.is_file():
+        raise DeltatuneError(f"{str(directory)!r} holds no {COMPOSITION_NAME}; was it written by save_composition?")
+    try:
+        data = json.loads(path.read_text())
+        block = block_from_dict(data["composition"])
+        names = list(data["adapters"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DeltatuneError(f"{path}: not a valid composition file ({err})") from None
+    loaded = []
+    try:
+        for name in names:
+            load(model, Path(directory) / name, name=name)
+            loaded.append(name)
+    except BaseException:
+        for name in loaded:
+            delete(model, name)
+        raise
+    return block

@@ -16,7 +16,7 @@ from torch import nn
 from .config import DeltaConfig, check_field_names
 from .delta import Delta, is_mergeable, mixed_batch_path
 from .errors import DeltatuneError, one_of
-from .hosts import WEIGHT_KINDS, host_kind
+from .hosts import MODULE_KIND, WEIGHT_KINDS, host_kind
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ class MethodSpec:
     peft: PeftFormat | None
 
     def accepts(self, module: nn.Module) -> bool:
-        return host_kind(module) in self.hosts
+        kind = host_kind(module)
+        return kind in self.hosts or (kind is None and MODULE_KIND in self.hosts)
 
     @property
     def mergeable(self) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .delta import Delta
+from .delta import Delta, has_pre_forward
 from .errors import DeltatuneError
 from .hosts import HostInfo, apply_weight, base_weight_parameter, per_channel, read_base_weight
 
@@ -49,6 +49,7 @@ class RoutingState:
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     active: tuple[str, ...] = ()
     rows: tuple[str | None, ...] | None = None
+    block: Any = None  # a composition (core.compose.Block) when `use` was given one; it overrides `active`
     merged: set[str] = field(default_factory=set)
     requires_grad_before: dict[str, bool] = field(default_factory=dict)
     plans: dict[Any, list] = field(default_factory=dict)
@@ -60,13 +61,14 @@ class RoutingState:
 class Host:
     """What a delta sees of its host during a call: the module, its description, and its *unmerged* base weight."""
 
-    __slots__ = ("module", "slot", "base_out", "last")
+    __slots__ = ("module", "slot", "base_out", "last", "writable")
 
     def __init__(self, module: nn.Module, slot: "DeltaSlot", base_out: Tensor | None = None) -> None:
         self.module = module
         self.slot = slot
         self.base_out = base_out  # the module's own output for this call, before any delta
         self.last = True  # the delta running now is the last one on this host for this call
+        self.writable = True  # False while a composition block needs the incoming output intact
 
     def may_overwrite(self, y: Tensor) -> bool:
         """Whether a delta may add into `y` in place: y is then not needed by anyone else.
@@ -76,12 +78,18 @@ class Host:
         Writing in place saves a full-size allocation and two memory passes per adapted layer, which on CPU is
         most of LoRA's cost at small rank.
         """
-        return (self.last or y is not self.base_out) and y.is_contiguous()
+        return self.writable and (self.last or y is not self.base_out) and y.is_contiguous()
 
     def select_rows(self, rows: Tensor) -> "Host":
         """This host as seen by a subset of the batch rows."""
         base = None if self.base_out is None else self.base_out.index_select(0, rows)
         return Host(self.module, self.slot, base)
+
+    def positions(self, span: slice) -> "Host":
+        """This host as seen by a span of sequence positions (dimension 1)."""
+        host = Host(self.module, self.slot, None if self.base_out is None else self.base_out[:, span])
+        host.writable = False
+        return host
 
     @property
     def info(self) -> HostInfo:
@@ -143,14 +151,59 @@ class DeltaSlot(nn.ModuleDict):
         self.hook_handle = None
         self.kernel_cache: dict[type, dict] = {}  # per delta class, kept across routing changes (see per_row)
         self.bypass = False
+        self.pre_handle = None  # a forward pre-hook, only for methods that change their host's inputs
 
-    # ---- the hot path -------------------------------------------------------------------------------------------
-    def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor | None:
+    def remove_hooks(self) -> None:
+        self.hook_handle.remove()
+        if self.pre_handle is not None:
+            self.pre_handle.remove()
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Let input-changing deltas (prompt / prefix tuning) rewrite the host's inputs."""
         state = self.state
         if self.bypass:
             return None
+        host = Host(module, self)
+        if state.rows is not None:
+            first = next(v for v in (*args, *kwargs.values()) if isinstance(v, Tensor))
+            for delta_cls, deltas, slots, cache in self._plan_for(first.shape[0], first.device):
+                if has_pre_forward(delta_cls):
+                    args, kwargs = delta_cls.per_row_pre_forward(deltas, slots, args, kwargs, host, cache)
+            return args, kwargs
+        names = state.block.names() if state.block is not None else state.active
+        changed = False
+        for name in names:
+            delta = self._modules.get(name)
+            if delta is not None and has_pre_forward(type(delta)):
+                args, kwargs = delta.pre_forward(args, kwargs, host)
+                changed = True
+        return (args, kwargs) if changed else None
+
+    # ---- the hot path -------------------------------------------------------------------------------------------
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        if self.bypass:
+            return None
+        if isinstance(output, Tensor) or self.raw:
+            return self._apply(module, args, kwargs, output)
+        # tuple / ModelOutput hosts (decoder layers, attention blocks): deltas see the hidden states
+        if isinstance(output, tuple):
+            y = self._apply(module, args, kwargs, output[0])
+            return None if y is None else (y, *output[1:])
+        y = self._apply(module, args, kwargs, output.last_hidden_state)
+        if y is not None:
+            output.last_hidden_state = y
+        return output
+
+    @property
+    def raw(self) -> bool:
+        return any(d.raw_output for d in self._modules.values())
+
+    def _apply(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        state = self.state
         if state.rows is not None:
             return self._per_row(module, _first_input(args, kwargs), output)
+        if state.block is not None:
+            return state.block.apply(self, _first_input(args, kwargs), output, Host(module, self, output))
         chain = [d for n in state.active if (d := self._modules.get(n)) is not None and n not in self.merged_names]
         if not chain:
             return None
@@ -163,24 +216,27 @@ class DeltaSlot(nn.ModuleDict):
         return y
 
     def _per_row(self, module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        state = self.state
-        rows = state.rows
-        batch = x.shape[0]
-        if batch % len(rows) != 0:
-            raise DeltatuneError(
-                f"per_sample got {len(rows)} adapter names but module {self.path!r} sees a batch of {batch} rows; "
-                "give one name per batch row"
-            )
-        key = (id(self), batch, x.device)
-        plan = state.plans.get(key)
-        if plan is None:
-            plan = self._build_plan(rows, batch // len(rows), x.device)
-            state.plans[key] = plan
+        plan = self._plan_for(x.shape[0], x.device)
         host = Host(module, self, y)
         for i, (delta_cls, deltas, slots, cache) in enumerate(plan):
             host.last = i == len(plan) - 1
             y = delta_cls.per_row(deltas, slots, x, y, host, cache)
         return y
+
+    def _plan_for(self, batch: int, device: torch.device) -> list:
+        """The (cached) per-row plan of the current routing for a batch of `batch` rows."""
+        rows = self.state.rows
+        if batch % len(rows) != 0:
+            raise DeltatuneError(
+                f"per_sample got {len(rows)} adapter names but module {self.path!r} sees a batch of {batch} rows; "
+                "give one name per batch row"
+            )
+        key = (id(self), batch, device)
+        plan = self.state.plans.get(key)
+        if plan is None:
+            plan = self._build_plan(rows, batch // len(rows), device)
+            self.state.plans[key] = plan
+        return plan
 
     def _build_plan(self, rows: tuple[str | None, ...], repeat: int, device: torch.device) -> list:
         """One entry per delta class routed to in `rows`: (class, every delta of that class on this host, the

@@ -92,8 +92,9 @@ def find_targets(
     Raises DeltatuneError when nothing matches (showing the closest module names) or when a selected module is of
     a type the method cannot adapt (naming it and the supported types).
     """
-    spec = resolve_targets_spec(model, config.targets)
-    named = [(p, m) for p, m in model.named_modules() if p]
+    spec = config.targets if config.targets is not None else config.default_targets(model)
+    spec = resolve_targets_spec(model, spec)
+    named = [(p, m) for p, m in model.named_modules() if p and not _inside_slot(p)]
     if spec == "all-linear":
         heads = output_head_paths(model)
         chosen = [(p, m) for p, m in named if host_kind(m) in ("linear", "conv1d_hf") and p not in heads]
@@ -123,6 +124,11 @@ def find_targets(
             f"{type(m).__name__}); it supports {accepts_what}"
         )
     return [p for p, _ in chosen]
+
+
+def _inside_slot(path: str) -> bool:
+    """Modules of deltatune's own deltas are never targets."""
+    return ".deltatune." in f".{path}." or path.startswith("deltatune.")
 
 
 def _nothing_matched(named: list[tuple[str, nn.Module]], spec, config) -> DeltatuneError:

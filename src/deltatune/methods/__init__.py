@@ -14,6 +14,7 @@ from . import (  # noqa: F401
     flora,
     fourierft,
     full,
+    fusion,
     gralora,
     hira,
     hra,

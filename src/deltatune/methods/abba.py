@@ -9,10 +9,8 @@ r = r1 + r2. It is computed without materialising ΔW through the Khatri-Rao ide
 Init ("default", the paper's): B1·A1 is the best rank-r1 approximation of W (B1 = U√Σ, A1 = √ΣVᵀ from the
 truncated SVD), A2 Kaiming-uniform, B2 = 0, so ΔW = 0 at step 0. "random": all four Kaiming-uniform (tests).
 Shapes: A1 (r1, fan_in), B1 (out, r1), A2 (r2, fan_in), B2 (out, r2); fan_in = in_features (vocabulary for an
-Embedding, in_channels·kernel for a convolution).
-
-This module also holds `LowRankRows`, the factored forward and gathered mixed-batch kernel shared by this family's
-methods whose update can be written as up·down (ABBA, GraLoRA, DeLoRA, LoRMA).
+Embedding, in_channels·kernel for a convolution). Forward (convolutions: the dense Hadamard ΔW), merge and the
+gathered mixed-batch kernel come from `factored.FactoredDelta` with the Khatri-Rao factors.
 """
 
 from __future__ import annotations
@@ -22,125 +20,16 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
-from ..core.delta import Delta
 from ..core.errors import DeltatuneError
-from ..core.hosts import LINEAR_KINDS, HostInfo, from_matrix, to_matrix
+from ..core.hosts import HostInfo, from_matrix, to_matrix
 from ..core.registry import register_method
 from ..core.slot import Host
+from .factored import FactoredDelta, check_dropout, kaiming_, split_svd
 
 
-# ---- shared by the low-rank family: ΔW = up·down, applied factored ------------------------------------------------
-def low_rank_apply(inputs: Tensor, down: Tensor, up: Tensor, channel_dim: int = -1) -> Tensor:
-    """up·(down·z) for every feature vector z of `inputs` along `channel_dim`; down (r, in), up (out, r)."""
-    z = inputs.movedim(channel_dim, -1).to(down.dtype)
-    return F.linear(F.linear(z, down), up).movedim(-1, channel_dim)
-
-
-def routed_low_rank(
-    inputs: Tensor, factors: list[tuple[Tensor, Tensor]], slots: Tensor, channel_dim: int = -1
-) -> Tensor:
-    """Per-row `low_rank_apply`: batch row i uses factors[slots[i]], rows with slot -1 get zeros.
-
-    Ranks may differ (factors are zero-padded to the largest); the work is one gather and two batched matmuls,
-    whatever the number of adapters.
-    """
-    rank = max(down.shape[0] for down, _ in factors)
-    downs = [F.pad(down, (0, 0, 0, rank - down.shape[0])) for down, _ in factors]
-    ups = [F.pad(up, (0, rank - up.shape[1])) for _, up in factors]
-    downs.append(torch.zeros_like(downs[0]))
-    ups.append(torch.zeros_like(ups[0]))
-    idx = torch.where(slots < 0, len(factors), slots)
-    z = inputs.movedim(channel_dim, -1).to(downs[0].dtype)
-    flat = z.reshape(z.shape[0], -1, z.shape[-1])  # (batch, positions, in)
-    h = torch.bmm(flat, torch.stack(downs)[idx].transpose(1, 2))  # (batch, positions, r)
-    out = torch.bmm(h, torch.stack(ups)[idx].transpose(1, 2))  # (batch, positions, out)
-    return out.reshape(*z.shape[:-1], -1).movedim(-1, channel_dim)
-
-
-def dropped_input(delta: Delta, x: Tensor) -> Tensor:
-    """Dropout on a delta's input while training (`delta.dropout`); never on an Embedding's token ids."""
-    if delta.dropout and delta.training and delta.info.kind != "embedding":
-        return F.dropout(x, delta.dropout, training=True)
-    return x
-
-
-def dense_forward(delta: Delta, x: Tensor, y: Tensor, host: Host, weight: Tensor) -> Tensor:
-    """y + host_op(dropout(x), ΔW) for a ΔW in native layout (token ids of an Embedding are left as they are)."""
-    x = dropped_input(delta, x)
-    x = x.to(weight.dtype) if x.is_floating_point() else x
-    return y + host.apply(x, weight).to(y.dtype)
-
-
-class LowRankRows(Delta):
-    """A delta whose update is `up·down` applied to `factor_input` (x, or the base output for LoRMA).
-
-    Subclasses give `low_rank_factors(host)`; they get a factored forward on the hosts `factored` accepts (dense
-    ΔW through `delta_weight` elsewhere) and a gathered mixed-batch kernel. Adds no state of its own.
-    """
-
-    dropout: float = 0.0
-
-    def low_rank_factors(self, host: Host) -> tuple[Tensor, Tensor]:
-        """(down (r, in), up (out, r)) with every scaling folded in."""
-        raise NotImplementedError
-
-    def factored(self, host: Host) -> bool:
-        return self.info.kind in LINEAR_KINDS
-
-    def factor_input(self, x: Tensor, host: Host) -> Tensor:
-        return self.dropped(x)
-
-    def dropped(self, x: Tensor) -> Tensor:
-        return dropped_input(self, x)
-
-    def forward(self, x: Tensor, y: Tensor, host: Host) -> Tensor:
-        if not self.factored(host):
-            return dense_forward(self, x, y, host, self.delta_weight(host))
-        down, up = self.low_rank_factors(host)
-        return y + low_rank_apply(self.factor_input(x, host), down, up, self.info.channel_dim).to(y.dtype)
-
-    @classmethod
-    def per_row(cls, deltas, slots, x, y, host, cache):
-        if any(not d.factored(host) or (d.training and d.dropout) for d in deltas):
-            return Delta.per_row.__func__(cls, deltas, slots, x, y, host, cache)
-        factors = [d.low_rank_factors(host) for d in deltas]
-        inputs = deltas[0].factor_input(x, host)
-        return y + routed_low_rank(inputs, factors, slots, host.info.channel_dim).to(y.dtype)
-
-
-def refuse_unknown_peft_fields(raw: dict, known: set[str], title: str) -> None:
-    """PEFT config loading is an allowlist: a field we cannot reproduce, set to a non-empty value, is an error."""
-    unknown = sorted(k for k, v in raw.items() if k not in known and v not in (None, False, "", [], {}))
-    if unknown:
-        raise DeltatuneError(f"PEFT {title} field {unknown[0]}={raw[unknown[0]]!r} is not supported by deltatune")
-
-
-def check_rank_and_dropout(config: DeltaConfig, r: int, dropout: float, rank_pattern: dict | None = None) -> None:
-    """The checks every low-rank config shares: ranks > 0 and dropout in [0, 1)."""
-    rank_pattern = rank_pattern or {}
-    if r <= 0 or any(v <= 0 for v in rank_pattern.values()):
-        pattern = f", rank_pattern={rank_pattern}" if rank_pattern else ""
-        raise DeltatuneError(f"{config.method}: r must be > 0, got r={r}{pattern}")
-    if not 0.0 <= dropout < 1.0:
-        raise DeltatuneError(f"{config.method}: dropout must be in [0, 1), got {dropout}")
-
-
-def kaiming_(tensor: Tensor) -> Tensor:
-    """nn.Linear's default init (Kaiming-uniform, a = √5), as LoRA uses for A."""
-    return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
-
-
-def svd_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Truncated SVD of a matrix: U_r (out, r), σ_r (r,), V_rᵀ (r, in), computed in float32."""
-    u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
-    return u[:, :rank], s[:rank], vh[:rank]
-
-
-# ---- ABBA ---------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AbbaConfig(DeltaConfig):
     """Attributes:
@@ -161,7 +50,7 @@ class AbbaConfig(DeltaConfig):
         super().validate()
         if self.r1 <= 0 or self.r2 <= 0:
             raise DeltatuneError(f"abba: r1 and r2 must be > 0, got r1={self.r1}, r2={self.r2}")
-        check_rank_and_dropout(self, self.r1, self.dropout)
+        check_dropout("abba", self.dropout)
 
 
 def khatri_rao_factors(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> tuple[Tensor, Tensor]:
@@ -171,7 +60,7 @@ def khatri_rao_factors(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> tuple[
     return down, up
 
 
-class AbbaDelta(LowRankRows):
+class AbbaDelta(FactoredDelta):
     """y = base(x) + s·(B1 ⊙ᵣ B2)((A1 ⊙꜀ A2)x)."""
 
     def __init__(self, config: AbbaConfig, info: HostInfo, path: str) -> None:
@@ -192,12 +81,11 @@ class AbbaDelta(LowRankRows):
     def setup(self, host: Host) -> None:
         if self.config.init != "default":
             return
-        u, s, vh = svd_factors(to_matrix(self.info, host.weight()), self.config.r1)
-        root = s.sqrt()
-        self.abba_B1.copy_(u * root)
-        self.abba_A1.copy_(root.unsqueeze(1) * vh)
+        down, up = split_svd(to_matrix(self.info, host.weight()), self.config.r1)
+        self.abba_A1.copy_(down)
+        self.abba_B1.copy_(up)
 
-    def low_rank_factors(self, host: Host) -> tuple[Tensor, Tensor]:
+    def factors(self, host: Host) -> tuple[Tensor, Tensor]:
         down, up = khatri_rao_factors(self.abba_A1, self.abba_B1, self.abba_A2, self.abba_B2)
         return down, up * self.scaling
 

@@ -29,7 +29,7 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import CONV_KINDS, LINEAR_KINDS, HostInfo, per_channel
 from ..core.registry import register_method
 from ..core.slot import Host
-from .lora import rows_per_channel
+from .factored import rows_per_channel, slot_index
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,7 +42,7 @@ def vector_rows(vectors: list[Tensor | None], slots: Tensor, fill: float) -> Ten
     ref = next(v for v in vectors if v is not None)
     filler = torch.full_like(ref, fill)
     table = torch.stack([filler if v is None else v for v in vectors] + [filler])  # (K+1, n)
-    return table[torch.where(slots < 0, len(vectors), slots)]
+    return table[slot_index(slots, len(vectors))]
 
 
 class BitfitDelta(Delta):

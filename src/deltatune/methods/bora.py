@@ -22,10 +22,10 @@ from torch import Tensor, nn
 
 from ..core.delta import Delta
 from ..core.errors import DeltatuneError
-from ..core.hosts import HostInfo, from_matrix, per_channel, to_matrix
+from ..core.hosts import HostInfo, from_matrix, to_matrix
 from ..core.registry import register_method
 from ..core.slot import Host
-from .abba import dense_forward
+from .factored import add_dense
 from .dora import DoraConfig, DoraDelta
 from .lora import lora_matrix
 
@@ -71,9 +71,7 @@ class BoraDelta(DoraDelta):
     def forward(self, x: Tensor, y: Tensor, host: Host) -> Tensor:
         base = to_matrix(self.info, host.weight()).to(self.lora_A.dtype)
         delta = from_matrix(self.info, self.adapted_weight(host, detach=True) - base)
-        out = dense_forward(self, x, y, host, delta)
-        bias = self.delta_bias(host)
-        return out if bias is None else out + per_channel(self.info, bias.to(y.dtype), out.ndim)
+        return add_dense(self.dropped(x), y, host, delta, self.delta_bias(host))
 
     @classmethod
     def num_parameters(cls, config: BoraConfig, info: HostInfo, path: str) -> int:

@@ -27,7 +27,7 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import LINEAR_KINDS, WEIGHT_KINDS, HostInfo, from_matrix
 from ..core.registry import PeftFormat, register_method
 from ..core.slot import Host
-from .loha import add_dense, gather_rows, refuse_unknown_peft_fields
+from .factored import add_dense, gather_rows, refuse_unknown_peft_fields
 from .lora import pattern_value
 
 

@@ -22,10 +22,10 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
 from ..core.errors import DeltatuneError
-from ..core.hosts import HostInfo, from_matrix, to_matrix
+from ..core.hosts import HostInfo, to_matrix
 from ..core.registry import PeftFormat, register_method
 from ..core.slot import Host
-from .abba import LowRankRows, check_rank_and_dropout, kaiming_, refuse_unknown_peft_fields
+from .factored import FactoredDelta, check_rank_and_dropout, kaiming_, refuse_unknown_peft_fields
 from .lora import pattern_value
 
 NORM_FLOOR = 1e-4
@@ -54,7 +54,7 @@ class DeloraConfig(DeltaConfig):
         check_rank_and_dropout(self, self.r, self.dropout, self.rank_pattern)
 
 
-class DeloraDelta(LowRankRows):
+class DeloraDelta(FactoredDelta):
     """y = base(x) + B·diag(λ / (r·‖a_i‖·‖b_i‖))·A·(‖W‖_col ⊙ dropout(x))."""
 
     fast_parameters = ("delora_B",)
@@ -74,15 +74,11 @@ class DeloraDelta(LowRankRows):
     def setup(self, host: Host) -> None:
         self.delora_w_norm.copy_(torch.linalg.norm(to_matrix(self.info, host.weight()).float(), dim=0))
 
-    def low_rank_factors(self, host: Host) -> tuple[Tensor, Tensor]:
+    def factors(self, host: Host) -> tuple[Tensor, Tensor]:
         a_norm = self.delora_A.norm(dim=1).clamp(min=NORM_FLOOR)
         b_norm = self.delora_B.norm(dim=0).clamp(min=NORM_FLOOR)
         strength = self.delora_lambda / self.r / (a_norm * b_norm)  # (r,)
         return self.delora_A * self.delora_w_norm, self.delora_B * strength
-
-    def delta_weight(self, host: Host) -> Tensor:
-        down, up = self.low_rank_factors(host)
-        return from_matrix(self.info, up @ down)
 
     @classmethod
     def num_parameters(cls, config: DeloraConfig, info: HostInfo, path: str) -> int:
@@ -100,7 +96,7 @@ def _to_peft(config: DeloraConfig) -> dict[str, Any]:
 
 
 def _from_peft(raw: dict[str, Any]) -> dict[str, Any]:
-    refuse_unknown_peft_fields(raw, _PEFT_FIELDS, "DeLoRA")
+    refuse_unknown_peft_fields("DeLoRA", raw, _PEFT_FIELDS)
     if raw.get("bias", "none") != "none":
         raise DeltatuneError(f"PEFT DeLoRA bias={raw['bias']!r} is not supported; deltatune supports 'none'")
     return {"r": raw.get("r", 8), "delora_lambda": raw.get("delora_lambda", 15),

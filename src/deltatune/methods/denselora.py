@@ -25,7 +25,7 @@ from ..core.delta import Delta
 from ..core.hosts import HostInfo
 from ..core.registry import register_method
 from ..core.slot import Host
-from .multilora import kaiming_rows, require_positive
+from .factored import check_positive, kaiming_rows
 
 
 def sharing_key(path: str, info: HostInfo) -> str:
@@ -62,7 +62,7 @@ class DenseloraConfig(DeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        require_positive("denselora", r=self.r)
+        check_positive("denselora", r=self.r)
 
 
 class DenseloraDelta(Delta):

@@ -22,7 +22,8 @@ from ..core.delta import Delta
 from ..core.hosts import CONV_KINDS, HostInfo, from_matrix, per_channel, to_matrix
 from ..core.registry import register_method
 from ..core.slot import Host
-from .lora import LoraConfig, LoraDelta, gatherable, lora_matrix, rows_per_channel
+from .factored import gathered_output, row_factors, rows_per_channel, slot_index
+from .lora import LoraConfig, LoraDelta, lora_matrix
 from .lora_peft import lora_peft_format
 
 
@@ -78,16 +79,16 @@ class DoraDelta(LoraDelta):
 
     @classmethod
     def per_row(cls, deltas, slots, x, y, host, cache):
-        if not gatherable(deltas, host):
+        if not cls.gatherable(deltas, host):
             return Delta.per_row.__func__(cls, deltas, slots, x, y, host, cache)
-        lora, bias = cls.gathered_output(deltas, slots, x, host, cache)
+        lora, bias = gathered_output(row_factors(deltas, slots, host, cache), x, host)
         ks = cache.get("dora_k")
         if ks is None:
             one = torch.ones(host.info.out_features, dtype=lora.dtype, device=lora.device)
             ks = torch.stack([d.rescale(host) for d in deltas] + [one])
             if not torch.is_grad_enabled():
                 cache["dora_k"] = ks
-        k = rows_per_channel(host.info, ks[torch.where(slots < 0, len(deltas), slots)], lora.ndim)
+        k = rows_per_channel(host.info, ks[slot_index(slots, len(deltas))], lora.ndim)
         out = (k - 1) * host.base_output(x).to(lora.dtype) + k * lora
         if bias is not None:
             out = out + rows_per_channel(host.info, bias, lora.ndim)

@@ -27,7 +27,7 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import LINEAR_KINDS, HostInfo, from_matrix, per_channel, to_matrix
 from ..core.registry import register_method
 from ..core.slot import Host
-from .abba import check_rank_and_dropout, dense_forward, dropped_input, svd_factors
+from .factored import add_dense, check_rank_and_dropout, dropped_input, svd_factors
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,7 +93,7 @@ class EdoraDelta(Delta):
         if self.info.kind not in LINEAR_KINDS:
             base = to_matrix(self.info, host.weight()).to(direction.dtype)
             delta = from_matrix(self.info, self.rescale(direction).unsqueeze(1) * direction - base)
-            return dense_forward(self, x, y, host, delta)
+            return add_dense(dropped_input(self, x), y, host, delta)
         x_in = dropped_input(self, x)
         # With dropout the base term uses the dropped input too, as DoRA does.
         base_out = host.base_output(x) if x_in is x else host.apply(x_in, host.weight())

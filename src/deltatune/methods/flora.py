@@ -21,11 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
-from ..core.errors import DeltatuneError
 from ..core.hosts import CONV_KINDS, LINEAR_KINDS, HostInfo
 from ..core.registry import register_method
 from ..core.slot import Host
-from .lotr import FactoredDelta
+from .factored import FactoredDelta, check_positive
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,8 +41,7 @@ class FloraConfig(DeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.r <= 0 or self.kernel_r <= 0:
-            raise DeltatuneError(f"flora: r and kernel_r must be > 0, got r={self.r}, kernel_r={self.kernel_r}")
+        check_positive("flora", r=self.r, kernel_r=self.kernel_r)
 
 
 def mode_ranks(config: FloraConfig, info: HostInfo) -> list[int]:
@@ -76,15 +74,12 @@ class FloraDelta(FactoredDelta):
             for factor in (self.flora_in, self.flora_out, *self.flora_kernel):
                 nn.init.kaiming_normal_(factor, a=math.sqrt(3))
 
-    def low_rank_pair(self) -> tuple[Tensor, Tensor]:
-        """Linear / Conv1D: down = (U_in·G)ᵀ (r, in), up = s·U_out (out, r)."""
-        return (self.flora_in @ self.flora_core).t(), self.flora_out * self.scale
-
-    def delta_weight(self, host: Host) -> Tensor:
-        if self.info.kind not in CONV_KINDS:
-            return super().delta_weight(host)
-        full = tucker_product(self.flora_core, [self.flora_in, self.flora_out, *self.flora_kernel])
-        return full.transpose(0, 1) * self.scale  # (in, out, *kernel) -> the conv layout (out, in, *kernel)
+    def factors(self, host: Host) -> tuple[Tensor, Tensor]:
+        """down = G ×₁ U_in ×₃ U_k₁ ⋯ with the output mode left open (r, in·kernel, the matrix view's columns),
+        up = s·U_out (out, r); on Linear / Conv1D down = (U_in·G)ᵀ."""
+        keep = torch.eye(self.config.r, dtype=self.flora_core.dtype, device=self.flora_core.device)
+        full = tucker_product(self.flora_core, [self.flora_in, keep, *self.flora_kernel])  # (in, r, *kernel)
+        return full.transpose(0, 1).reshape(self.config.r, -1), self.flora_out * self.scale
 
     @classmethod
     def num_parameters(cls, config: FloraConfig, info: HostInfo, path: str) -> int:

@@ -23,7 +23,7 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import WEIGHT_KINDS, HostInfo, from_matrix
 from ..core.registry import PeftFormat, register_method
 from ..core.slot import Host
-from .loha import refuse_unknown_peft_fields
+from .factored import refuse_unknown_peft_fields
 from .lora import pattern_value
 
 

@@ -28,7 +28,8 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import LINEAR_KINDS, HostInfo, from_matrix
 from ..core.registry import PeftFormat, register_method
 from ..core.slot import Host
-from .abba import LowRankRows, check_rank_and_dropout, kaiming_, low_rank_apply, refuse_unknown_peft_fields
+from .factored import (FactoredDelta, check_rank_and_dropout, kaiming_, low_rank_output,
+                       refuse_unknown_peft_fields)
 from .lora import pattern_value
 
 
@@ -74,7 +75,7 @@ def linear_inits(k: int, rows: int, cols: int, *, zero: bool = False) -> Tensor:
     return blocks.transpose(1, 2).contiguous()
 
 
-class GraloraDelta(LowRankRows):
+class GraloraDelta(FactoredDelta):
     """y = base(x) + s·[Σ_j B_ij A_ij x_j]_i (+ s·B_g A_g x)."""
 
     fast_parameters = ("gralora_B", "gralora_B_general")
@@ -124,10 +125,10 @@ class GraloraDelta(LowRankRows):
         h = h.reshape(*lead, k, k, -1).transpose(-3, -2).reshape(*lead, k, self.r)  # (..., i, (j, q))
         out = torch.einsum("...ir,irm->...im", h, self.gralora_B).reshape(*lead, -1)  # (..., out)
         if self.gralora_A_general is not None:
-            out = out + low_rank_apply(x, self.gralora_A_general, self.gralora_B_general)
+            out = out + low_rank_output(x, host, self.gralora_A_general, self.gralora_B_general)
         return y + (out * self.scaling).to(y.dtype)
 
-    def low_rank_factors(self, host: Host) -> tuple[Tensor, Tensor]:
+    def factors(self, host: Host) -> tuple[Tensor, Tensor]:
         """The block update as one rank-k·r LoRA: A_ij placed at input block j, B_ij at output block i."""
         a, b = self._blocks()
         eye = torch.eye(self.k, dtype=a.dtype, device=a.device)
@@ -167,7 +168,7 @@ def _to_peft(config: GraloraConfig) -> dict[str, Any]:
 
 
 def _from_peft(raw: dict[str, Any]) -> dict[str, Any]:
-    refuse_unknown_peft_fields(raw, _PEFT_FIELDS, "GraLoRA")
+    refuse_unknown_peft_fields("GraLoRA", raw, _PEFT_FIELDS)
     if raw.get("bias", "none") != "none":
         raise DeltatuneError(f"PEFT GraLoRA bias={raw['bias']!r} is not supported; deltatune supports 'none'")
     return {"r": raw.get("r", 32), "alpha": raw.get("alpha", 64), "k": raw.get("gralora_k", 2),

@@ -23,7 +23,7 @@ from ..core.delta import Delta
 from ..core.hosts import HostInfo, from_matrix, to_matrix
 from ..core.registry import PeftFormat, register_method
 from ..core.slot import Host
-from .abba import check_rank_and_dropout, dense_forward, kaiming_, refuse_unknown_peft_fields
+from .factored import add_dense, check_rank_and_dropout, dropped_input, kaiming_, refuse_unknown_peft_fields
 from .lora import lora_matrix, lora_shapes, pattern_value
 
 
@@ -62,7 +62,7 @@ class HiraDelta(Delta):
         self.hira_B = nn.Parameter(torch.empty(b_shape))
         with torch.no_grad():
             if config.init == "random":
-                kaiming_(self.hira_A), kaiming_(self.hira_B)
+                kaiming_(self.hira_A, self.hira_B)
             elif info.kind == "embedding":
                 nn.init.zeros_(self.hira_A), nn.init.normal_(self.hira_B)
             else:
@@ -74,7 +74,7 @@ class HiraDelta(Delta):
         return from_matrix(self.info, base * lora_matrix(self.hira_A, self.hira_B, 1.0))
 
     def forward(self, x: Tensor, y: Tensor, host: Host) -> Tensor:
-        return dense_forward(self, x, y, host, self.delta_weight(host))
+        return add_dense(dropped_input(self, x), y, host, self.delta_weight(host))
 
     @classmethod
     def num_parameters(cls, config: HiraConfig, info: HostInfo, path: str) -> int:
@@ -106,7 +106,7 @@ def _to_peft(config: HiraConfig) -> dict[str, Any]:
 
 
 def _from_peft(raw: dict[str, Any]) -> dict[str, Any]:
-    refuse_unknown_peft_fields(raw, _PEFT_FIELDS, "HiRA")
+    refuse_unknown_peft_fields("HiRA", raw, _PEFT_FIELDS)
     init = raw.get("init_weights", True)
     return {"r": raw.get("r", 8), "dropout": raw.get("hira_dropout", 0.0),
             "rank_pattern": raw.get("rank_pattern") or {},

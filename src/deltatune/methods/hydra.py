@@ -24,7 +24,7 @@ from ..core.config import DeltaConfig
 from ..core.hosts import HostInfo, to_matrix
 from ..core.registry import register_method
 from ..core.slot import Host
-from .multilora import FactoredDelta, factored_output, kaiming_rows, require_positive
+from .factored import FactoredDelta, check_positive, kaiming_rows, low_rank_output
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,7 +39,7 @@ class HydraConfig(DeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        require_positive("hydra", r=self.r)
+        check_positive("hydra", r=self.r)
 
 
 class HydraDelta(FactoredDelta):
@@ -73,7 +73,7 @@ class HydraDelta(FactoredDelta):
     def forward(self, x: Tensor, y: Tensor, host: Host) -> Tensor:
         # The sequential branch reads the pre-trained output W₀x + b₀ instead of forming A_s·W₀.
         s = self.config.scale
-        parallel = factored_output(self.info, host, x, self.parallel_A, self.parallel_B * s)
+        parallel = low_rank_output(x, host, self.parallel_A, self.parallel_B * s)
         pretrained = host.base_output(x).to(self.sequential_A.dtype)
         bias = host.bias()
         if bias is not None:

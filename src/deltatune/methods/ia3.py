@@ -34,7 +34,7 @@ from ..core.hosts import CONV_KINDS, LINEAR_KINDS, HostInfo, from_matrix, per_ch
 from ..core.registry import PeftFormat, register_method
 from ..core.slot import Host
 from .bitfit import vector_rows
-from .lora import rows_per_channel
+from .factored import refuse_unknown_peft_fields, rows_per_channel
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -169,9 +169,7 @@ def _to_peft(config: Ia3Config) -> dict:
 
 
 def _from_peft(raw: dict) -> dict:
-    for key, value in raw.items():
-        if key not in _PEFT_FIELDS and value not in (None, False, "", [], {}):
-            raise DeltatuneError(f"PEFT IA3 field {key}={value!r} is not supported by deltatune")
+    refuse_unknown_peft_fields("IA3", raw, _PEFT_FIELDS)
     spec = raw.get("feedforward_modules")
     return {"feedforward_modules": list(spec) if isinstance(spec, (list, tuple, set)) else spec}
 

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.delta import Delta
 from ..core.errors import DeltatuneError
 from ..core.hosts import CONV_KINDS, HostInfo, from_matrix
 from ..core.registry import PeftFormat, register_method
@@ -58,7 +57,6 @@ class KasaDelta(LoraDelta):
     """y = base(x) − U_minor Σ_minor V_minorᵀx + s·B(ΔΣ ⊙ A(dropout(x))) (+ Δb)."""
 
     identity_at_init = False
-    per_row = classmethod(Delta.per_row.__func__)  # ΔΣ sits between A and B: LoRA's gathered stack cannot hold it
 
     def __init__(self, config: KasaConfig, info: HostInfo, path: str) -> None:
         super().__init__(config, info, path)
@@ -96,6 +94,12 @@ class KasaDelta(LoraDelta):
     def forward(self, x: Tensor, y: Tensor, host: Host) -> Tensor:
         out = super().forward(x, y, host)  # the undropped input meets the truncation, as PEFT's truncated base
         return out - self.minor_output(x, host).to(out.dtype)
+
+    def factors(self, host: Host) -> tuple[Tensor, Tensor]:
+        """down = [A; V_minorᵀ], up = [s·B·diag(ΔΣ), −U_minor Σ_minor]: the gathered mixed-batch kernel's view."""
+        down = torch.cat([self.lora_A.reshape(self.r, -1), self.minor_v])
+        up = torch.cat([self.lora_B.reshape(-1, self.r) * (self.lora_diag * self.scaling), -self.minor_u], dim=1)
+        return down, up
 
     def delta_weight(self, host: Host) -> Tensor:
         lora_b = self.lora_B.reshape(-1, self.r) * self.lora_diag

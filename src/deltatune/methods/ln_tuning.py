@@ -20,12 +20,11 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
 from ..core.delta import Delta
-from ..core.errors import DeltatuneError
 from ..core.hosts import HostInfo
 from ..core.registry import PeftFormat, register_method
 from ..core.slot import Host
 from .bitfit import vector_rows
-from .lora import rows_per_channel
+from .factored import refuse_unknown_peft_fields, rows_per_channel
 
 _WEIGHT_KEY, _BIAS_KEY = "ln_tuning_layers.weight", "ln_tuning_layers.bias"
 
@@ -86,9 +85,7 @@ class LnTuningDelta(Delta):
 
 
 def _from_peft(raw: dict) -> dict:
-    for key, value in raw.items():
-        if value not in (None, False, "", [], {}):
-            raise DeltatuneError(f"PEFT LN_TUNING field {key}={value!r} is not supported by deltatune")
+    refuse_unknown_peft_fields("LN_TUNING", raw, ())
     return {}
 
 

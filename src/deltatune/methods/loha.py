@@ -13,15 +13,13 @@ Training-time options as in PEFT: `rank_dropout` drops output rows of ΔW (resca
 `module_dropout` skips the whole delta for a step.
 
 This module also holds what LoHa and LoKr (lokr.py) share: the LyCORIS config fields, PEFT field mapping and
-the dropout rules, and small helpers the other structured methods use (`refuse_unknown_peft_fields`,
-`add_dense`, `gather_rows`).
+the dropout rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
@@ -33,15 +31,8 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import CONV_KINDS, WEIGHT_KINDS, HostInfo, from_matrix
 from ..core.registry import PeftFormat, register_method
 from ..core.slot import Host
+from .factored import add_dense, check_dropout, check_rank, kaiming_, refuse_unknown_peft_fields
 from .lora import pattern_value
-
-
-def refuse_unknown_peft_fields(method: str, raw: dict, understood: Iterable[str]) -> None:
-    """PEFT loading is an allowlist: a field we cannot reproduce, set to anything but empty, is an error."""
-    known = set(understood)
-    for key, value in raw.items():
-        if key not in known and value not in (None, False, "", [], {}):
-            raise DeltatuneError(f"PEFT {method} field {key}={value!r} is not supported by deltatune")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,13 +59,9 @@ class LycorisConfig(DeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.r <= 0 or any(v <= 0 for v in self.rank_pattern.values()):
-            raise DeltatuneError(
-                f"{self.method}: r must be > 0, got r={self.r}, rank_pattern={self.rank_pattern}"
-            )
+        check_rank(self, self.r, self.rank_pattern)
         for name in ("rank_dropout", "module_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise DeltatuneError(f"{self.method}: {name} must be in [0, 1), got {getattr(self, name)}")
+            check_dropout(self.method, getattr(self, name), name)
 
     def rank_for(self, path: str) -> int:
         return pattern_value(self.rank_pattern, path, self.r)
@@ -106,22 +93,6 @@ def cp_factor(core: Tensor, out_factor: Tensor, in_factor: Tensor) -> Tensor:
     """Σ_ij core[i, j, …]·out_factor[i, p]·in_factor[j, q] as the matrix (p, q·kernel)."""
     full = torch.einsum("ij...,ip,jq->pq...", core, out_factor, in_factor)
     return full.reshape(full.shape[0], -1)
-
-
-def add_dense(x: Tensor, y: Tensor, host: Host, weight: Tensor) -> Tensor:
-    """y + the host's own op applied with ΔW (native layout)."""
-    return y + host.apply(x, weight).to(y.dtype)
-
-
-def gather_rows(per_delta: list[Tensor], slots: Tensor) -> Tensor:
-    """Batch row i gets per_delta[slots[i]], or zeros where slots[i] < 0 (no adapter): (batch, *shape)."""
-    stack = torch.stack([*per_delta, torch.zeros_like(per_delta[0])])
-    return stack[torch.where(slots < 0, len(per_delta), slots)]
-
-
-def kaiming_(*tensors: Tensor) -> None:
-    for t in tensors:
-        nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
 
 class LycorisDelta(Delta):

@@ -24,10 +24,8 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import LINEAR_KINDS, WEIGHT_KINDS, HostInfo
 from ..core.registry import register_method
 from ..core.slot import Host
-from .loha import (
-    LycorisConfig, LycorisDelta, cp_factor, cp_kernel_shape, effective_conv, gather_rows, kaiming_,
-    lycoris_peft_format,
-)
+from .factored import gather_rows, kaiming_
+from .loha import LycorisConfig, LycorisDelta, cp_factor, cp_kernel_shape, effective_conv, lycoris_peft_format
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

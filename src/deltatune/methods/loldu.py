@@ -26,7 +26,7 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import HostInfo, to_matrix
 from ..core.registry import register_method
 from ..core.slot import Host
-from .multilora import FactoredDelta, require_positive
+from .factored import FactoredDelta, check_positive
 
 
 def ldu(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -50,7 +50,7 @@ class LolduConfig(DeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        require_positive("loldu", r=self.r)
+        check_positive("loldu", r=self.r)
 
 
 class LolduDelta(FactoredDelta):

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
-from ..core.delta import Delta
 from ..core.errors import DeltatuneError
 from ..core.hosts import CONV_KINDS, HostInfo, from_matrix, per_channel
 from ..core.registry import register_method
 from ..core.slot import Host
+from .factored import FactoredDelta, check_rank_and_dropout, down_project, fuse_update, kaiming_
 from .lora_peft import lora_peft_format
 
 
@@ -68,10 +68,7 @@ class LoraConfig(DeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.r <= 0 or any(v <= 0 for v in self.rank_pattern.values()):
-            raise DeltatuneError(f"{self.method}: r must be > 0, got r={self.r}, rank_pattern={self.rank_pattern}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise DeltatuneError(f"{self.method}: dropout must be in [0, 1), got {self.dropout}")
+        check_rank_and_dropout(self, self.r, self.dropout, self.rank_pattern)
 
     def rank_for(self, path: str) -> int:
         return pattern_value(self.rank_pattern, path, self.r)
@@ -105,8 +102,12 @@ def lora_matrix(lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
     return (lora_b.reshape(-1, r) @ lora_a.reshape(r, -1)) * scaling
 
 
-class LoraDelta(Delta):
-    """y = base(x) + s·B(A(dropout(x))) (+ Δb)."""
+class LoraDelta(FactoredDelta):
+    """y = base(x) + s·B(A(dropout(x))) (+ Δb).
+
+    A factored delta (down = A, up = s·B in the matrix view) with its own forward: convolutions run A as a real
+    convolution with the host's kernel and B as a 1×1 one, and the scaling rides on the fused addmm. Mixed batches
+    use the shared gathered kernel (`FactoredDelta.per_row`)."""
 
     fast_parameters = ("lora_B",)
 
@@ -134,20 +135,18 @@ class LoraDelta(Delta):
             if init == "gaussian":
                 nn.init.normal_(self.lora_A, std=1.0 / self.r)
             else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                kaiming_(self.lora_A)
             if init == "random":
-                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+                kaiming_(self.lora_B)
             else:
                 nn.init.zeros_(self.lora_B)
 
     # ---- math ---------------------------------------------------------------------------------------------------
     def down(self, x: Tensor, host: Host) -> Tensor:
         """A(x): (..., r) for Linear / Conv1D / Embedding, (batch, r, *spatial) for convolutions."""
-        if self.info.kind == "embedding":
-            return host.apply(x, self.lora_A.t())
         if self.info.kind in CONV_KINDS:
             return host.module._conv_forward(x.to(self.lora_A.dtype), self.lora_A, None)
-        return F.linear(x.to(self.lora_A.dtype), self.lora_A)
+        return down_project(x, self.lora_A, host)
 
     def lora_output(self, x: Tensor, host: Host) -> Tensor:
         """s·B(A(x)) in the host's output layout (x already dropped out), without bias terms."""
@@ -157,24 +156,16 @@ class LoraDelta(Delta):
             return conv(h, self.lora_B) * self.scaling
         return F.linear(h, self.lora_B) * self.scaling
 
-    def dropped(self, x: Tensor) -> Tensor:
-        if self.dropout and self.training and self.info.kind != "embedding":
-            return F.dropout(x, self.dropout, training=True)
-        return x
-
     def forward(self, x: Tensor, y: Tensor, host: Host) -> Tensor:
         bias = self.delta_bias(host)
         if self.info.kind in CONV_KINDS:
             out = y + self.lora_output(self.dropped(x), host).to(y.dtype)
             return out if bias is None else out + per_channel(self.info, bias.to(y.dtype), out.ndim)
-        # y + s·h·Bᵀ as one fused addmm in y's dtype (bf16 under autocast), in place when allowed
-        # (see Host.may_overwrite); gradients still reach the float32 factors through the casts.
-        h = self.down(self.dropped(x), host).reshape(-1, self.r).to(y.dtype)
-        flat = y.view(-1, y.shape[-1]) if host.may_overwrite(y) else y.reshape(-1, y.shape[-1]).clone()
-        flat.addmm_(h, self.lora_B.t().to(y.dtype), alpha=self.scaling)
-        if bias is not None:
-            flat.add_(bias.to(y.dtype))
-        return flat.view(y.shape)
+        # y + s·h·Bᵀ as one fused addmm, in place when allowed (see Host.may_overwrite).
+        return fuse_update(y, self.down(self.dropped(x), host), self.lora_B, host, self.scaling, bias)
+
+    def factors(self, host: Host) -> tuple[Tensor, Tensor]:
+        return self.lora_A.reshape(self.r, -1), self.lora_B.reshape(-1, self.r) * self.scaling
 
     def delta_weight(self, host: Host) -> Tensor:
         return from_matrix(self.info, lora_matrix(self.lora_A, self.lora_B, self.scaling))
@@ -219,116 +210,6 @@ class LoraDelta(Delta):
                     self.bias_delta.copy_(value - host.bias().to(value.dtype))
                 else:
                     targets[key].copy_(value)
-
-    # ---- mixed batches: one gathered bmm per host, whatever the number of adapters ------------------------------
-    @classmethod
-    def per_row(cls, deltas, slots, x, y, host, cache):
-        if not gatherable(deltas, host):
-            return super().per_row(deltas, slots, x, y, host, cache)
-        if host.info.kind in CONV_KINDS or y.dtype != deltas[0].lora_A.dtype:
-            lora, bias = cls.gathered_output(deltas, slots, x, host, cache)
-            if bias is not None:
-                lora = lora + rows_per_channel(host.info, bias, lora.ndim)
-            return y + lora.to(y.dtype)
-        # y + h·B_rowᵀ as one batched baddbmm, in place when allowed.
-        h, b_rows, bias = cls.gathered_factors(deltas, slots, x, host, cache)
-        batch = y.shape[0]
-        flat = y.view(batch, -1, y.shape[-1]) if host.may_overwrite(y) else y.reshape(batch, -1, y.shape[-1]).clone()
-        flat.baddbmm_(h, b_rows.transpose(1, 2))
-        if bias is not None:
-            flat.add_(bias.unsqueeze(1))
-        return flat.view(y.shape)
-
-    @classmethod
-    def gathered_factors(cls, deltas, slots, x, host, cache) -> tuple[Tensor, Tensor, Tensor | None]:
-        """For Linear / Conv1D / Embedding: per-row A(x) (batch, tokens, r), per-row s·B (batch, out, r) and
-        per-row Δb (batch, out) | None. Rows whose slot is -1 use an all-zero slot.
-
-        The work is a gather and a batched matmul, proportional to the batch whatever the number of adapters.
-        """
-        idx, a, a_rows, b_rows, bias_rows = _row_factors(deltas, slots, host, cache)
-        batch, rank = x.shape[0], a.shape[1]
-        if host.info.kind == "embedding":
-            table = a.transpose(1, 2).reshape(-1, rank)  # ((K+1)·vocab, r)
-            h = F.embedding(x + (idx * host.info.in_features).view(batch, *([1] * (x.ndim - 1))), table)
-        else:
-            h = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(a.dtype), a_rows.transpose(1, 2))
-        return h.reshape(batch, -1, rank), b_rows, bias_rows
-
-    @classmethod
-    def gathered_output(cls, deltas, slots, x, host, cache) -> tuple[Tensor, Tensor | None]:
-        """Per-row s·B(A(x)) in the host's output layout and per-row Δb (batch, out) | None."""
-        info = host.info
-        if info.kind not in CONV_KINDS:
-            h, b_rows, bias_rows = cls.gathered_factors(deltas, slots, x, host, cache)
-            out = torch.bmm(h, b_rows.transpose(1, 2))
-            lead = x.shape if info.kind == "embedding" else x.shape[:-1]
-            return out.reshape(*lead, -1), bias_rows
-        _, a, a_rows, b_rows, bias_rows = _row_factors(deltas, slots, host, cache)
-        batch, rank, module = x.shape[0], a.shape[1], host.module
-        # Grouped convolutions with one group per row: each row convolved with its own adapter's factors.
-        conv = (F.conv1d, F.conv2d, F.conv3d)[len(info.kernel_size) - 1]
-        a_rows = a_rows.reshape(batch * rank, info.in_features, *info.kernel_size)
-        h = conv(x.reshape(1, -1, *x.shape[2:]).to(a.dtype), a_rows, None, module.stride, module.padding,
-                 module.dilation, batch)  # (1, batch·r, *spatial)
-        b_rows = b_rows.reshape(batch * info.out_features, rank, *([1] * len(info.kernel_size)))
-        out = conv(h, b_rows, None, 1, 0, 1, batch)
-        return out.reshape(batch, info.out_features, *out.shape[2:]), bias_rows
-
-
-def gatherable(deltas: list["LoraDelta"], host: Host) -> bool:
-    """The gathered kernel covers inference and dropout-free training; else each adapter runs on its rows."""
-    if any(d.training and d.dropout for d in deltas):
-        return False
-    return host.info.kind not in CONV_KINDS or host.module.padding_mode == "zeros"
-
-
-def rows_per_channel(info: HostInfo, rows: Tensor, ndim: int) -> Tensor:
-    """Shape per-row vectors (batch, out) to broadcast against a host output with `ndim` dims."""
-    if info.channel_dim == 1:
-        return rows.view(*rows.shape, *([1] * (ndim - 2)))
-    return rows.view(rows.shape[0], *([1] * (ndim - 2)), rows.shape[1])
-
-
-def _row_factors(deltas: list[LoraDelta], slots: Tensor, host: Host, cache: dict) -> tuple:
-    """(slot per row, stacked A, A per row, s·B per row, Δb per row | None).
-
-    Without gradients they are cached: the stack across routing changes (keyed by the deltas and their parameters'
-    version counters, so a load or an optimizer step invalidates it), the per-row gathers for this routing.
-    While training, parameters change between steps and everything is rebuilt inside the graph.
-    """
-    rows = cache.get("lora_rows")
-    if rows is not None:
-        return rows
-    if torch.is_grad_enabled():
-        a, b, bias = _stack(deltas, host)
-    else:
-        store = cache["kernel_cache"]
-        key = tuple((id(d), *(p._version for p in d.parameters())) for d in deltas)
-        if store.get("key") != key:
-            store["key"], store["stack"] = key, _stack(deltas, host)
-        a, b, bias = store["stack"]
-    idx = torch.where(slots < 0, len(deltas), slots)
-    rows = (idx, a, a[idx], b[idx], None if bias is None else bias[idx])
-    if not torch.is_grad_enabled():
-        cache["lora_rows"] = rows
-    return rows
-
-
-def _stack(deltas: list[LoraDelta], host: Host) -> tuple[Tensor, Tensor, Tensor | None]:
-    """A (K+1, r_max, in), s·B (K+1, out, r_max), Δb (K+1, out) | None; the last slot is all zeros (no adapter)."""
-    r_max = max(d.r for d in deltas)
-    ref = deltas[0].lora_A
-    a = [F.pad(d.lora_A.reshape(d.r, -1), (0, 0, 0, r_max - d.r)) for d in deltas]
-    b = [F.pad(d.lora_B.reshape(-1, d.r) * d.scaling, (0, r_max - d.r)) for d in deltas]
-    a.append(torch.zeros_like(a[0]))
-    b.append(torch.zeros_like(b[0]))
-    biases = [d.delta_bias(host) for d in deltas]
-    bias = None
-    if any(v is not None for v in biases):
-        zero = torch.zeros(host.info.out_features, dtype=ref.dtype, device=ref.device)
-        bias = torch.stack([v if v is not None else zero for v in biases] + [zero])
-    return torch.stack(a), torch.stack(b), bias
 
 
 PAPER_LORA = "LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021) https://arxiv.org/abs/2106.09685"

@@ -7,10 +7,9 @@ and give wrong outputs).
 
 from __future__ import annotations
 
-from typing import Any
-
 from ..core.errors import DeltatuneError
 from ..core.registry import PeftFormat
+from .factored import refuse_unknown_peft_fields
 
 # Fields that only matter when PEFT creates or trains an adapter, not when it is loaded.
 _IGNORED = {
@@ -18,10 +17,6 @@ _IGNORED = {
     "ensure_weight_tying", "qalora_group_size", "megatron_core", "velora_config", "use_dora", "use_rslora",
     "r", "lora_alpha", "lora_dropout", "bias", "lora_bias", "rank_pattern", "alpha_pattern",
 }
-
-
-def _empty(value: Any) -> bool:
-    return value in (None, False, "", [], {})
 
 
 def lora_peft_format(*, dora: bool, claims: bool = True) -> PeftFormat:
@@ -43,9 +38,7 @@ def lora_peft_format(*, dora: bool, claims: bool = True) -> PeftFormat:
         }
 
     def from_peft(raw: dict) -> dict:
-        for key, value in raw.items():
-            if key not in _IGNORED and not _empty(value):
-                raise DeltatuneError(f"PEFT LoRA field {key}={value!r} is not supported by deltatune")
+        refuse_unknown_peft_fields("LoRA", raw, _IGNORED)
         bias = raw.get("bias", "none")
         if bias not in ("none", "lora_only"):
             raise DeltatuneError(f"PEFT LoRA bias={bias!r} is not supported; deltatune supports 'none' and 'lora_only'")

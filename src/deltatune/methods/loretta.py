@@ -25,7 +25,8 @@ from ..core.config import DeltaConfig
 from ..core.errors import DeltatuneError
 from ..core.hosts import WEIGHT_KINDS, HostInfo
 from ..core.registry import register_method
-from .lotr import FactoredDelta
+from ..core.slot import Host
+from .factored import FactoredDelta, check_positive
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,9 +48,7 @@ class LorettaConfig(DeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("r", "tt_rank"):
-            if getattr(self, name) <= 0:
-                raise DeltatuneError(f"loretta: {name} must be > 0, got {getattr(self, name)}")
+        check_positive("loretta", r=self.r, tt_rank=self.tt_rank)
         if self.mode_size < 2:
             raise DeltatuneError(f"loretta: mode_size must be >= 2, got {self.mode_size}")
 
@@ -99,13 +98,13 @@ class LorettaDelta(FactoredDelta):
             with torch.no_grad():
                 self.b_cores[-1].zero_()
 
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """A (r, fan_in) and B (out, r)."""
+    def tt_factors(self) -> tuple[Tensor, Tensor]:
+        """A (r, fan_in) and B (out, r), unscaled."""
         return (tt_matrix(self.a_cores, self.r, self.info.fan_in),
                 tt_matrix(self.b_cores, self.info.out_features, self.r))
 
-    def low_rank_pair(self) -> tuple[Tensor, Tensor]:
-        down, up = self.factors()
+    def factors(self, host: Host) -> tuple[Tensor, Tensor]:
+        down, up = self.tt_factors()
         return down, up * self.scaling
 
     @classmethod

@@ -33,7 +33,7 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import HostInfo
 from ..core.registry import register_method
 from ..core.slot import Host, slots_of
-from .lora_xs import FactoredDelta, ScaledRankConfig
+from .factored import FactoredDelta, ScaledRankConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,7 +84,7 @@ class LoriDelta(FactoredDelta):
         return self.lora_B_values.new_zeros(self.lora_B_mask.shape).masked_scatter(self.lora_B_mask,
                                                                                      self.lora_B_values)
 
-    def factors(self) -> tuple[Tensor, Tensor]:
+    def factors(self, host: Host) -> tuple[Tensor, Tensor]:
         return self.lora_A, self.dense_b() * self.scaling
 
     @classmethod

@@ -22,14 +22,16 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
+from ..core.delta import Delta
 from ..core.errors import DeltatuneError
 from ..core.hosts import HostInfo, from_matrix, to_matrix
 from ..core.registry import register_method
 from ..core.slot import Host
-from .abba import LowRankRows, check_rank_and_dropout, kaiming_
+from .factored import FactoredDelta, add_dense, check_positive, kaiming_
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,7 +48,7 @@ class LormaConfig(DeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_rank_and_dropout(self, self.r, 0.0)
+        check_positive("lorma", r=self.r)
         if self.alpha == 0:
             raise DeltatuneError("lorma: alpha must be non-zero (s = alpha / r scales the transform); set alpha = r")
 
@@ -59,7 +61,7 @@ def cyclic_row_shift(matrix: Tensor) -> Tensor:
     return torch.gather(matrix, 1, (cols - rows) % n_cols)
 
 
-class LormaDelta(LowRankRows):
+class LormaDelta(FactoredDelta):
     """plus: y = base(x) + s·B(A(W0·x));  pi: y = base(x) + (s·I_π(BA) − I)·W0·x."""
 
     uses_base_weight = True
@@ -78,14 +80,23 @@ class LormaDelta(LowRankRows):
                 self.lorma_A.zero_()[0, 0] = root * math.copysign(1.0, self.scaling)
                 kaiming_(self.lorma_B)[:, 0] = root
 
-    def factored(self, host: Host) -> bool:
-        return self.config.variant == "plus"
+    def forward(self, x: Tensor, y: Tensor, host: Host) -> Tensor:
+        if self.config.variant == "pi":
+            return add_dense(x, y, host, self.delta_weight(host))
+        # s·B(A(W0·x)) from the layer's own output W0·x (without bias); not in place, as it reads y.
+        z = host.base_output(x).movedim(self.info.channel_dim, -1).to(self.lorma_A.dtype)
+        update = F.linear(F.linear(z, self.lorma_A), self.lorma_B * self.scaling)
+        return y + update.movedim(-1, self.info.channel_dim).to(y.dtype)
 
-    def factor_input(self, x: Tensor, host: Host) -> Tensor:
-        return host.base_output(x)  # W0·x, the layer's own output without bias
+    def factors(self, host: Host) -> tuple[Tensor, Tensor]:
+        """LoRMA₊'s ΔW = s·B·(A·W0): down = A·W0 (r, fan_in), up = s·B (for the gathered mixed-batch kernel)."""
+        return self.lorma_A @ to_matrix(self.info, host.weight()).to(self.lorma_A.dtype), self.lorma_B * self.scaling
 
-    def low_rank_factors(self, host: Host) -> tuple[Tensor, Tensor]:
-        return self.lorma_A, self.lorma_B * self.scaling
+    @classmethod
+    def per_row(cls, deltas, slots, x, y, host, cache):
+        if any(d.config.variant == "pi" for d in deltas):  # the full out × out transform: each adapter on its rows
+            return Delta.per_row.__func__(cls, deltas, slots, x, y, host, cache)
+        return super().per_row(deltas, slots, x, y, host, cache)
 
     def transform_minus_identity(self) -> Tensor:
         """W'·W0⁻¹ − I, the out × out matrix that multiplies W0 to give ΔW."""

@@ -18,16 +18,13 @@ import dataclasses
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
-from ..core.delta import Delta
-from ..core.errors import DeltatuneError
-from ..core.hosts import LINEAR_KINDS, WEIGHT_KINDS, HostInfo, from_matrix
+from ..core.hosts import WEIGHT_KINDS, HostInfo
 from ..core.registry import register_method
 from ..core.slot import Host
-from .loha import add_dense, gather_rows
+from .factored import FactoredDelta, check_positive
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,44 +41,13 @@ class LotrConfig(DeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.r <= 0:
-            raise DeltatuneError(f"lotr: r must be > 0, got {self.r}")
+        check_positive("lotr", r=self.r)
 
 
 def group_of(config: LotrConfig, info: HostInfo, path: str) -> str:
     """The sharing group of a layer, used as the key of its shared factors."""
     shape = f"{info.out_features}x{info.fan_in}"
     return shape if config.share_by == "shape" else f"{path.rsplit('.', 1)[-1]}_{shape}"
-
-
-class FactoredDelta(Delta):
-    """A delta whose update is a product up·down, (out, k)·(k, fan_in), the scaling folded in: the forward and
-    a gathered mixed-batch kernel on Linear / Conv1D hosts never form ΔW. Subclasses give `low_rank_pair`."""
-
-    def low_rank_pair(self) -> tuple[Tensor, Tensor]:
-        """(down (k, fan_in), up (out, k)) with ΔW = up @ down in the matrix view."""
-        raise NotImplementedError
-
-    def forward(self, x: Tensor, y: Tensor, host: Host) -> Tensor:
-        if self.info.kind not in LINEAR_KINDS:
-            return add_dense(x, y, host, self.delta_weight(host))
-        down, up = self.low_rank_pair()
-        return y + (x.to(down.dtype) @ down.t() @ up.t()).to(y.dtype)
-
-    def delta_weight(self, host: Host) -> Tensor:
-        down, up = self.low_rank_pair()
-        return from_matrix(self.info, up @ down)
-
-    @classmethod
-    def per_row(cls, deltas, slots, x, y, host, cache):
-        if host.info.kind not in LINEAR_KINDS:
-            return super().per_row(deltas, slots, x, y, host, cache)
-        pairs = [d.low_rank_pair() for d in deltas]
-        rank = max(down.shape[0] for down, _ in pairs)  # adapters of other ranks: zero-padded to the largest
-        downs = gather_rows([F.pad(down, (0, 0, 0, rank - down.shape[0])) for down, _ in pairs], slots)
-        ups = gather_rows([F.pad(up, (0, rank - up.shape[1])) for _, up in pairs], slots)
-        hidden = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]).to(downs.dtype), downs.transpose(1, 2))
-        return y + torch.bmm(hidden, ups.transpose(1, 2)).reshape(y.shape).to(y.dtype)
 
 
 class LotrDelta(FactoredDelta):
@@ -105,12 +71,12 @@ class LotrDelta(FactoredDelta):
                 shared.rhs[key] = nn.Parameter(torch.randn(config.r, info.fan_in))
         return shared
 
-    def factors(self) -> tuple[Tensor, Tensor]:
+    def shared_factors(self) -> tuple[Tensor, Tensor]:
         """The group's shared L (out, r) and R (r, fan_in)."""
         return self.shared.lhs[self.group], self.shared.rhs[self.group]
 
-    def low_rank_pair(self) -> tuple[Tensor, Tensor]:
-        lhs, rhs = self.factors()
+    def factors(self, host: Host) -> tuple[Tensor, Tensor]:
+        lhs, rhs = self.shared_factors()
         return self.lotr_core @ rhs, lhs * self.scaling
 
     @classmethod

@@ -30,7 +30,7 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import LINEAR_KINDS, WEIGHT_KINDS, HostInfo, from_matrix, to_matrix
 from ..core.registry import PeftFormat, register_method
 from ..core.slot import Host
-from .loha import add_dense, gather_rows, refuse_unknown_peft_fields
+from .factored import add_dense, gather_rows, kaiming_, refuse_unknown_peft_fields
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -85,7 +85,7 @@ class MissDelta(Delta):
         self.miss_block = nn.Parameter(torch.zeros(block_shape(config, info, path)))
         if config.init == "random":
             with torch.no_grad():
-                nn.init.kaiming_uniform_(self.miss_block, a=math.sqrt(5))
+                kaiming_(self.miss_block)
 
     def shard(self) -> Tensor:
         """D as (r, out): the mini form repeated along the output."""

@@ -31,7 +31,7 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import LINEAR_KINDS, HostInfo, from_matrix
 from ..core.registry import register_method
 from ..core.slot import Host
-from .multilora import require_positive
+from .factored import check_positive
 
 
 def square_size(r: int, fan_in: int, out: int, operator: str) -> int:
@@ -65,7 +65,7 @@ class MoraConfig(DeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        require_positive("mora", r=self.r)
+        check_positive("mora", r=self.r)
 
 
 class MoraDelta(Delta):

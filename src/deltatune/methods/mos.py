@@ -32,7 +32,7 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import HostInfo
 from ..core.registry import register_method
 from ..core.slot import Host
-from .lora_xs import FactoredDelta, ScaledRankConfig
+from .factored import FactoredDelta, ScaledRankConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -133,7 +133,7 @@ class MosDelta(FactoredDelta):
         self.shard_index_A.copy_(index_a)
         self.shard_index_B.copy_(index_b)
 
-    def factors(self) -> tuple[Tensor, Tensor]:
+    def factors(self, host: Host) -> tuple[Tensor, Tensor]:
         pools = self.shared.pools
         a_shards = torch.cat([pools[f"{self.group}_A"][self.shard_index_A], self.private_A])  # (r·l, ⌈in/l⌉)
         b_shards = torch.cat([pools[f"{self.group}_B"][self.shard_index_B], self.private_B])  # (r·l, ⌈out/l⌉)

@@ -27,7 +27,7 @@ from ..core.registry import register_method
 from ..core.slot import Host
 from ..core.targeting import layer_index
 from .denselora import LoraPair, sharing_key, unique_shapes
-from .multilora import FactoredDelta, kaiming_rows, require_positive
+from .factored import FactoredDelta, check_positive, kaiming_rows
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,7 +48,7 @@ class MsploraConfig(DeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        require_positive("msplora", r_global=self.r_global, r_mid=self.r_mid, r_layer=self.r_layer,
+        check_positive("msplora", r_global=self.r_global, r_mid=self.r_mid, r_layer=self.r_layer,
                          mid_group_size=self.mid_group_size)
 
     def mid_group(self, path: str) -> int:

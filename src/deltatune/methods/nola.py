@@ -21,35 +21,30 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..core.config import DeltaConfig
 from ..core.errors import DeltatuneError
 from ..core.hosts import HostInfo
 from ..core.registry import register_method
-from .vera import SharedBasesDelta, check_dropout, check_positive, largest_dims, seeded
+from ..core.slot import Host
+from .factored import ScaledRankConfig, check_positive
+from .vera import SharedBasesDelta, largest_dims, seeded
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class NolaConfig(DeltaConfig):
-    """Attributes:
-    r: rank of A and B.
+class NolaConfig(ScaledRankConfig):
+    """Attributes (besides r, the rank of A and B, alpha, s = alpha / r, and dropout on the NOLA branch's input):
     num_bases_a: k, the number of random bases A_i that A mixes.
     num_bases_b: l, the number of random bases B_j that B mixes.
-    alpha: scaling numerator (s = alpha / r).
     seed: seed of the generator that draws the bases (the only thing needed to rebuild them).
-    dropout: dropout probability on the input of the NOLA branch.
     """
 
-    r: int = 8
+    alpha: float = 8.0
     num_bases_a: int = 1024
     num_bases_b: int = 1024
-    alpha: float = 8.0
     seed: int = 0
-    dropout: float = 0.0
 
     def validate(self) -> None:
         super().validate()
-        check_positive(self.method, r=self.r, num_bases_a=self.num_bases_a, num_bases_b=self.num_bases_b)
-        check_dropout(self.method, self.dropout)
+        check_positive(self.method, num_bases_a=self.num_bases_a, num_bases_b=self.num_bases_b)
         if self.seed < 0:
             raise DeltatuneError(f"{self.method}: seed must be >= 0, got {self.seed}")
 
@@ -79,7 +74,7 @@ class NolaDelta(SharedBasesDelta):
         self.nola_alpha = nn.Parameter(torch.randn(config.num_bases_a) / math.sqrt(config.num_bases_a))
         self.nola_beta = nn.Parameter(torch.zeros(config.num_bases_b))
 
-    def factors(self) -> tuple[Tensor, Tensor]:
+    def factors(self, host: Host) -> tuple[Tensor, Tensor]:
         fan_in, out, r = self.info.fan_in, self.info.out_features, self.config.r
         a = torch.einsum("i,irn->rn", self.nola_alpha, self.shared.bases_A[:, :, :fan_in]) / math.sqrt(fan_in)
         b = torch.einsum("j,jor->or", self.nola_beta, self.shared.bases_B[:, :out, :]) / math.sqrt(r)

@@ -24,7 +24,7 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import HostInfo, to_matrix
 from ..core.registry import register_method
 from ..core.slot import Host
-from .multilora import FactoredDelta, kaiming_rows
+from .factored import FactoredDelta, kaiming_rows, split_svd
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,12 +62,9 @@ class NoraDelta(FactoredDelta):
         self.scaling = config.alpha / inner
 
     def setup(self, host: Host) -> None:
-        r = self.config.r
-        weight = to_matrix(self.info, host.weight()).detach().to(torch.float32)
-        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-        root = s[:r].sqrt()
-        self.outer_B.copy_(u[:, :r] * root)
-        self.outer_A.copy_(root.unsqueeze(1) * vh[:r])
+        down, up = split_svd(to_matrix(self.info, host.weight()).detach(), self.config.r)
+        self.outer_A.copy_(down)
+        self.outer_B.copy_(up)
 
     def factors(self, host: Host) -> tuple[Tensor, Tensor]:
         return self.inner_A @ self.outer_A, (self.outer_B @ self.inner_B) * self.scaling

@@ -33,6 +33,7 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import CONV_KINDS, LINEAR_KINDS, HostInfo, from_matrix, to_matrix
 from ..core.registry import PeftFormat, register_method
 from ..core.slot import Host
+from .factored import refuse_unknown_peft_fields
 
 # ---- helpers shared by the orthogonal family (BOFT imports them) -----------------------------------------------------
 
@@ -209,9 +210,7 @@ class OftDelta(Delta):
 
 def peft_fields(raw: dict, mapped: dict[str, str], ignored: set[str], kind: str) -> dict[str, Any]:
     """Our config kwargs from PEFT's method fields: an allowlist; anything else set to a non-empty value is refused."""
-    for key, value in raw.items():
-        if key not in mapped and key not in ignored and value not in (None, False, "", [], {}, "none"):
-            raise DeltatuneError(f"PEFT {kind} field {key}={value!r} is not supported by deltatune")
+    refuse_unknown_peft_fields(kind, {k: v for k, v in raw.items() if v != "none"}, {*mapped, *ignored})
     return {ours: raw[theirs] for theirs, ours in mapped.items() if theirs in raw}
 
 

@@ -27,6 +27,7 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import LINEAR_KINDS, HostInfo, from_matrix
 from ..core.registry import register_method
 from ..core.slot import Host
+from .factored import gather_rows
 from .sparse_ft import path_generator
 
 
@@ -85,17 +86,14 @@ class PacaDelta(Delta):
         if host.info.kind not in LINEAR_KINDS:
             return super().per_row(deltas, slots, x, y, host, cache)
         r_max = max(d.r for d in deltas)
-        # Padded columns point at input 0 with a zero weight; the last slot (no adapter) is all zeros.
-        columns = [F.pad(d.paca_indices, (0, r_max - d.r)) for d in deltas]
-        weights = [F.pad(d.paca_delta * d.scaling, (0, r_max - d.r)) for d in deltas]
-        columns.append(torch.zeros_like(columns[0]))
-        weights.append(torch.zeros_like(weights[0]))
-        idx = torch.where(slots < 0, len(deltas), slots)
+        # Padded columns point at input 0 with a zero weight; rows without adapter get all zeros.
+        columns = gather_rows([F.pad(d.paca_indices, (0, r_max - d.r)) for d in deltas], slots)
+        weights = gather_rows([F.pad(d.paca_delta * d.scaling, (0, r_max - d.r)) for d in deltas], slots)
         batch = x.shape[0]
         flat = x.reshape(batch, -1, x.shape[-1])  # (batch, tokens, in)
-        col_rows = torch.stack(columns)[idx].unsqueeze(1).expand(-1, flat.shape[1], -1)
-        picked = torch.gather(flat, 2, col_rows).to(weights[0].dtype)  # (batch, tokens, r_max)
-        out = torch.bmm(picked, torch.stack(weights)[idx].transpose(1, 2))  # (batch, tokens, out)
+        col_rows = columns.unsqueeze(1).expand(-1, flat.shape[1], -1)
+        picked = torch.gather(flat, 2, col_rows).to(weights.dtype)  # (batch, tokens, r_max)
+        out = torch.bmm(picked, weights.transpose(1, 2))  # (batch, tokens, out)
         return y + out.reshape(y.shape).to(y.dtype)
 
 

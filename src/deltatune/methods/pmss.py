@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..core.hosts import HostInfo
 from ..core.registry import register_method
 from ..core.slot import Host
-from .lora_xs import FactoredDelta, RankConfig, working_matrix
+from .factored import FactoredDelta, RankConfig, working_matrix
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,7 +82,7 @@ class PmssDelta(FactoredDelta):
         self.skeleton_R.copy_(rows)
         self.core_init.copy_(torch.linalg.pinv(columns) @ weight @ torch.linalg.pinv(rows))
 
-    def factors(self) -> tuple[Tensor, Tensor]:
+    def factors(self, host: Host) -> tuple[Tensor, Tensor]:
         return (self.core - self.core_init) @ self.skeleton_R, self.skeleton_C
 
     @classmethod

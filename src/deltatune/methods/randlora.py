@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..core.delta import Delta
 from ..core.hosts import HostInfo
 from ..core.registry import PeftFormat, register_method
+from ..core.slot import Host
 from .vera import ProjectionConfig, SharedBasesDelta, largest_dims, peft_format, seeded
 
 
@@ -105,7 +106,7 @@ class RandloraDelta(SharedBasesDelta):
         self.randlora_lambda = nn.Parameter(torch.zeros(config.r, self.n))
         self.randlora_gamma = nn.Parameter(torch.full((self.n, self.m), 1.0 / self.m))
 
-    def factors(self) -> tuple[Tensor, Tensor]:
+    def factors(self, host: Host) -> tuple[Tensor, Tensor]:
         r, n, m, big = self.config.r, self.n, self.m, max(self.info.out_features, self.info.fan_in)
         a = self.shared.randlora_A[:, 0, :m]  # (r, m), shared by every term
         scaled_a = self.randlora_lambda.unsqueeze(2) * a.unsqueeze(1) * self.randlora_gamma.unsqueeze(0)  # (r, n, m)

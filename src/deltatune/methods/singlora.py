@@ -29,7 +29,7 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import HostInfo
 from ..core.registry import register_method
 from ..core.slot import Host
-from .multilora import FactoredDelta, kaiming_rows, require_positive
+from .factored import FactoredDelta, check_positive, kaiming_rows
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,7 +46,7 @@ class SingloraConfig(DeltaConfig):
 
     def validate(self) -> None:
         super().validate()
-        require_positive("singlora", r=self.r)
+        check_positive("singlora", r=self.r)
         if self.ramp_steps < 0:
             raise DeltatuneError(
                 f"singlora: ramp_steps must be >= 0 (0 disables the ramp), got {self.ramp_steps}")

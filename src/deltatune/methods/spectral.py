@@ -36,6 +36,7 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import CONV_KINDS, HostInfo, from_matrix, to_matrix
 from ..core.registry import register_method
 from ..core.slot import Host
+from .factored import gather_rows, rows_per_channel
 
 
 def base_svd(info: HostInfo, weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -124,11 +125,9 @@ class DiagonalSingularDelta(SingularDelta):
         same_basis = all(d.vh.shape == ref.vh.shape and torch.equal(d.sigma, ref.sigma) for d in deltas)
         if host.info.kind in CONV_KINDS or not same_basis:
             return Delta.per_row.__func__(cls, deltas, slots, x, y, host, cache)
-        shifts = [d.shift() for d in deltas]
-        table = torch.stack([*shifts, torch.zeros_like(shifts[0])])  # (K+1, n); the last row: no adapter
-        rows = table[torch.where(slots < 0, len(deltas), slots)]  # (batch, n)
+        rows = gather_rows([d.shift() for d in deltas], slots)  # (batch, n); zeros for rows without adapter
         h = ref.project(x, ref.vh)  # (batch, ..., n): one projection shared by every adapter
-        h = h * rows.view(rows.shape[0], *([1] * (h.ndim - 2)), rows.shape[1])
+        h = h * rows_per_channel(host.info, rows, h.ndim)
         return y + F.linear(h, ref.u).to(y.dtype)
 
 

@@ -28,6 +28,7 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import HostInfo
 from ..core.registry import PeftFormat, register_method
 from ..core.slot import Host
+from .factored import refuse_unknown_peft_fields, slot_index
 from .sparse_ft import PAPER as LT_SFT_PAPER
 
 _KEY = "trainable_tokens_delta"
@@ -117,14 +118,12 @@ class TrainableTokensDelta(Delta):
             [torch.where(d.position == d.token_ids.numel(), zero_row, d.position + off)
              for d, off in zip(deltas, offsets)] + [torch.full_like(deltas[0].position, zero_row)])
         table = F.pad(torch.cat(tables), (0, 0, 0, 1))
-        idx = torch.where(slots < 0, len(deltas), slots).view(-1, *([1] * (x.ndim - 1)))
+        idx = slot_index(slots, len(deltas)).view(-1, *([1] * (x.ndim - 1)))
         return y + F.embedding(positions[idx, x], table).to(y.dtype)
 
 
 def _from_peft(raw: dict) -> dict:
-    for key, value in raw.items():
-        if key not in ("token_indices", "init_weights") and value not in (None, False, "", [], {}):
-            raise DeltatuneError(f"PEFT TRAINABLE_TOKENS field {key}={value!r} is not supported by deltatune")
+    refuse_unknown_peft_fields("TRAINABLE_TOKENS", raw, ("token_indices", "init_weights"))
     indices = raw.get("token_indices")
     if not isinstance(indices, list):
         raise DeltatuneError(f"PEFT TRAINABLE_TOKENS token_indices must be a list of token ids, got {indices!r}")

@@ -21,22 +21,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.config import DeltaConfig
 from ..core.errors import DeltatuneError
 from ..core.hosts import HostInfo
 from ..core.registry import register_method
 from ..core.slot import Host
-from .vera import SharedBasesDelta, check_dropout, check_positive, peft_format
+from .factored import RankConfig, check_positive
+from .vera import SharedBasesDelta, peft_format
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class VbloraConfig(DeltaConfig):
-    """Attributes:
-    r: rank of the update B·A.
+class VbloraConfig(RankConfig):
+    """Attributes (besides r, the rank of the update B·A, and dropout on the VB-LoRA branch's input):
     num_vectors: h, the number of vectors in the shared bank.
     vector_length: b, the length of each bank vector (and of each sub-vector of A and B).
     topk: k, how many bank vectors each sub-vector mixes.
-    dropout: dropout probability on the input of the VB-LoRA branch.
     init_vector_bank_bound: the bank starts uniform in [-bound, bound] (not zero, which would stall training).
     init_logits_std: standard deviation of the initial logits.
     save_only_topk_weights: store top-k indices and weights instead of the logits (smaller; not for resuming training).
@@ -46,22 +44,19 @@ class VbloraConfig(DeltaConfig):
     num_vectors: int = 256
     vector_length: int = 256
     topk: int = 2
-    dropout: float = 0.0
     init_vector_bank_bound: float = 0.02
     init_logits_std: float = 0.1
     save_only_topk_weights: bool = False
 
     def validate(self) -> None:
         super().validate()
-        check_positive(self.method, r=self.r, num_vectors=self.num_vectors, vector_length=self.vector_length,
-                       topk=self.topk, init_vector_bank_bound=self.init_vector_bank_bound)
-        check_dropout(self.method, self.dropout)
+        check_positive(self.method, num_vectors=self.num_vectors, vector_length=self.vector_length, topk=self.topk,
+                       init_vector_bank_bound=self.init_vector_bank_bound)
         if self.topk > self.num_vectors:
             raise DeltatuneError(f"{self.method}: topk={self.topk} exceeds num_vectors={self.num_vectors}; "
                                  "lower topk or enlarge the bank")
         if self.init_logits_std < 0:
             raise DeltatuneError(f"{self.method}: init_logits_std must be >= 0, got {self.init_logits_std}")
-
 
 
 def admix(logits: Tensor, bank: Tensor, k: int) -> Tensor:
@@ -108,7 +103,7 @@ class VbloraDelta(SharedBasesDelta):
             nn.init.normal_(self.vblora_logits_A, 0.0, config.init_logits_std)
             nn.init.normal_(self.vblora_logits_B, 0.0, config.init_logits_std)
 
-    def factors(self) -> tuple[Tensor, Tensor]:
+    def factors(self, host: Host) -> tuple[Tensor, Tensor]:
         bank, k, r = self.shared.vblora_vector_bank, self.config.topk, self.config.r
         a = admix(self.vblora_logits_A, bank, k).reshape(r, -1)[:, : self.info.fan_in]  # (r, fan_in)
         b = admix(self.vblora_logits_B, bank, k).transpose(1, 2).reshape(-1, r)[: self.info.out_features]

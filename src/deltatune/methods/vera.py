@@ -9,7 +9,7 @@ Init: b = 0 and d = d_initial, so the model is unchanged at step 0. Trainable pe
 Saved with PEFT's names: `<module>.vera_lambda_b`, `<module>.vera_lambda_d`, and the adapter-wide `vera_A`, `vera_B`.
 
 This module also holds what the shared-basis family (VeRA, VB-LoRA, RandLoRA, NOLA) has in common on top of
-`lora_xs.FactoredDelta` (ΔW = up·down in the matrix view, which gives forward, merge and a gathered mixed-batch
+`factored.FactoredDelta` (ΔW = up·down in the matrix view, which gives forward, merge and a gathered mixed-batch
 kernel): `SharedBasesDelta`, adapter-wide tensors saved under PEFT's names, and `peft_format`, an allowlist mapping
 of PEFT config fields.
 """
@@ -28,38 +28,14 @@ from ..core.errors import DeltatuneError
 from ..core.hosts import CONV_KINDS, HostInfo
 from ..core.registry import PeftFormat, register_method
 from ..core.slot import Host
-from .lora_xs import FactoredDelta
+from .factored import (FactoredDelta, RankConfig, down_project, gather_rows, is_empty, refuse_unknown_peft_fields,
+                       rows_per_channel)
 
 
 # ---- shared by the family ---------------------------------------------------------------------------------------
-def check_positive(method: str, **values: float) -> None:
-    """One error naming every field that must be > 0 and is not."""
-    bad = {k: v for k, v in values.items() if v <= 0}
-    if bad:
-        listed = ", ".join(f"{k}={v}" for k, v in bad.items())
-        raise DeltatuneError(f"{method}: {listed} must be > 0; set a positive value")
-
-
-def check_dropout(method: str, dropout: float) -> None:
-    if not 0.0 <= dropout < 1.0:
-        raise DeltatuneError(f"{method}: dropout must be in [0, 1), got {dropout}")
-
-
 def largest_dims(hosts: dict[str, HostInfo]) -> tuple[int, int]:
     """(largest out_features, largest fan_in) over the adapted layers: the size of adapter-wide bases."""
     return max(i.out_features for i in hosts.values()), max(i.fan_in for i in hosts.values())
-
-
-def project(x: Tensor, down: Tensor, host: Host) -> Tensor:
-    """x·downᵀ in the host's input layout: a matmul for Linear / Conv1D, a row lookup for Embedding."""
-    if host.info.kind == "embedding":
-        return host.apply(x, down.t())
-    return F.linear(x.to(down.dtype), down)
-
-
-def rows_like(rows: Tensor, ndim: int) -> Tensor:
-    """Per-row vectors (batch, n) shaped to broadcast against (batch, ..., n) with `ndim` dims."""
-    return rows.view(rows.shape[0], *([1] * (ndim - 2)), rows.shape[1])
 
 
 class SharedBasesDelta(FactoredDelta):
@@ -86,10 +62,6 @@ class SharedBasesDelta(FactoredDelta):
                 getattr(shared, key).copy_(value)
 
 
-def _empty(value: Any) -> bool:
-    return value in (None, False, "", [], {})
-
-
 def peft_format(peft_type: str, renamed: dict[str, str], *, required: dict[str, Any], ignored: tuple[str, ...] = (),
                 written: dict[str, Any] | None = None) -> PeftFormat:
     """PEFT mapping as an allowlist: `renamed` PEFT field -> our field; `required` PEFT field -> the only value we
@@ -101,11 +73,10 @@ def peft_format(peft_type: str, renamed: dict[str, str], *, required: dict[str, 
 
     def from_peft(raw: dict) -> dict:
         for key, value in raw.items():
-            if key in required and value != required[key] and not _empty(value):
+            if key in required and value != required[key] and not is_empty(value):
                 raise DeltatuneError(f"PEFT {peft_type} field {key}={value!r} is not supported; deltatune "
                                      f"reproduces only {key}={required[key]!r}")
-            if key not in renamed and key not in required and key not in ignored and not _empty(value):
-                raise DeltatuneError(f"PEFT {peft_type} field {key}={value!r} is not supported by deltatune")
+        refuse_unknown_peft_fields(peft_type, raw, {*renamed, *required, *ignored})
         return {ours: raw[peft] for peft, ours in renamed.items() if peft in raw}
 
     return PeftFormat(peft_type, to_peft, from_peft, lambda raw: True)
@@ -116,26 +87,20 @@ def seeded(seed: int) -> torch.Generator:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ProjectionConfig(DeltaConfig):
+class ProjectionConfig(RankConfig):
     """Fields of the methods whose frozen random bases PEFT saves or regenerates from a key (VeRA, RandLoRA).
 
-    Attributes:
-        r: rank of the shared random bases.
+    Attributes (besides r, the rank of the shared random bases, and dropout):
         projection_prng_key: seed of the generator that draws the bases (PEFT's name).
         save_projection: write the bases into the adapter file (as PEFT does by default) instead of relying on the
             seed alone.
-        dropout: dropout probability on the input of the adapter branch.
     """
 
-    r: int = 8
     projection_prng_key: int = 0
     save_projection: bool = True
-    dropout: float = 0.0
 
     def validate(self) -> None:
         super().validate()
-        check_positive(self.method, r=self.r)
-        check_dropout(self.method, self.dropout)
         if self.projection_prng_key < 0:
             raise DeltatuneError(f"{self.method}: projection_prng_key must be >= 0, got {self.projection_prng_key}")
 
@@ -182,7 +147,7 @@ class VeraDelta(SharedBasesDelta):
         """This layer's slices of the shared A (r, fan_in) and B (out, r)."""
         return self.shared.vera_A[:, : self.info.fan_in], self.shared.vera_B[: self.info.out_features]
 
-    def factors(self) -> tuple[Tensor, Tensor]:
+    def factors(self, host: Host) -> tuple[Tensor, Tensor]:
         a, b = self.projections()
         return self.vera_lambda_d.unsqueeze(1) * a, self.vera_lambda_b.unsqueeze(1) * b
 
@@ -195,14 +160,13 @@ class VeraDelta(SharedBasesDelta):
         """Every row shares A and B, so: one A·x for the batch, d gathered per row, one B·h, b gathered per row."""
         a, b = deltas[0].projections()
         same = all(torch.equal(d.projections()[0], a) and torch.equal(d.projections()[1], b) for d in deltas[1:])
-        if not same or host.info.kind in CONV_KINDS or any(d.training and d.dropout for d in deltas):
+        if not same or host.info.kind in CONV_KINDS or not cls.gatherable(deltas, host):
             return super().per_row(deltas, slots, x, y, host, cache)
-        idx = torch.where(slots < 0, len(deltas), slots)
-        d_rows = torch.stack([d.vera_lambda_d for d in deltas] + [torch.zeros_like(deltas[0].vera_lambda_d)])[idx]
-        b_rows = torch.stack([d.vera_lambda_b for d in deltas] + [torch.zeros_like(deltas[0].vera_lambda_b)])[idx]
-        h = project(x, a, host)  # (batch, ..., r)
-        out = F.linear(h * rows_like(d_rows, h.ndim), b)
-        return y + (out * rows_like(b_rows, out.ndim)).to(y.dtype)
+        d_rows = gather_rows([d.vera_lambda_d for d in deltas], slots)
+        b_rows = gather_rows([d.vera_lambda_b for d in deltas], slots)
+        h = down_project(x, a, host)  # (batch, ..., r)
+        out = F.linear(h * rows_per_channel(host.info, d_rows, h.ndim), b)
+        return y + (out * rows_per_channel(host.info, b_rows, out.ndim)).to(y.dtype)
 
 
 PAPER = "VeRA: Vector-based Random Matrix Adaptation (Kopiczko et al., 2023) https://arxiv.org/abs/2310.11454"

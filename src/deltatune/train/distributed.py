@@ -25,11 +25,27 @@ class LossModule(nn.Module):
         super().__init__()
         self.model, self.task, self.chunk = model, task, chunk
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, int]:
+    def forward(self, batch: dict) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """(sum of token losses, loss tokens, the deltas' regularisation terms or None)."""
         if self.task == "classification":
             loss, n, _ = classification_loss(self.model, batch)
-            return loss, n
-        return causal_lm_loss(self.model, batch, chunk=self.chunk)
+        else:
+            loss, n = causal_lm_loss(self.model, batch, chunk=self.chunk)
+        return loss, n, regularization(self.model)
+
+
+def regularization(model: nn.Module) -> torch.Tensor | None:
+    """Sum of `regularization_loss()` over the deltas that train (AdapterFusion, KaSA, mixtures, ...)."""
+    from ..core.slot import slots_of
+
+    terms = []
+    for _, _, slot in slots_of(model):
+        for delta in slot.values():
+            if any(p.requires_grad for p in delta.parameters()):
+                term = delta.regularization_loss()
+                if term is not None:
+                    terms.append(term)
+    return torch.stack([t.float() for t in terms]).sum() if terms else None
 
 
 def world_size() -> int:

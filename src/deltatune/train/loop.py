@@ -23,12 +23,13 @@ from ..core import api
 from ..core.errors import DeltatuneError
 from ..core.io import check_output_dir, load as load_adapter, save as save_adapter
 from ..core.registry import config as method_config
-from ..optim import param_groups
+from ..core.delta import Delta
 from . import checkpoint as ckpt
 from .data import BatchStream, DataStats, Example, detect_format, label_names, pack, read_jsonl, render
 from .evaluate import DEFAULT_METRICS, evaluate
 from .distributed import LossModule
 from .models import load_model
+from .optimizers import build_optimizer
 from .recipe import Recipe
 from .report import MetricsLog, manifest, memory_estimate, peak_rss_bytes, plot_curves
 
@@ -153,7 +154,7 @@ def lr_factor(step: int, total: int, recipe: Recipe) -> float:
     return spec.min_lr_ratio + (1.0 - spec.min_lr_ratio) * shape
 
 
-def micro_loss(step_module: torch.nn.Module, run: Run, batch: dict) -> tuple[torch.Tensor, int]:
+def micro_loss(step_module: torch.nn.Module, run: Run, batch: dict):
     with run.autocast():
         return step_module(batch)
 
@@ -190,8 +191,9 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True, distri
     stream = BatchStream(rows, recipe.batch_size * world, recipe.seed, run.tokenizer.pad_token_id)
     steps = total_steps(recipe, stream)
     opt = recipe.optimizer
-    optimizer = torch.optim.AdamW(param_groups(run.model, opt.lr, opt.lora_plus_ratio, opt.weight_decay),
-                                  betas=tuple(opt.betas), eps=opt.eps)
+    if latest is None and recipe.initialize.name and recipe.init_from is None:
+        _initialize(run, stream, recipe)
+    optimizer = build_optimizer(run.model, opt)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
     step = 0
@@ -221,8 +223,11 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True, distri
         step_module.train()
         total = 0.0
         for batch in local:
-            loss_sum, _ = micro_loss(step_module, run, batch)
-            (loss_sum * world / max(n_tokens, 1)).backward()  # DDP averages over ranks; undo that
+            loss_sum, _, reg = micro_loss(step_module, run, batch)
+            objective = loss_sum * world / max(n_tokens, 1)  # DDP averages over ranks; undo that
+            if reg is not None:  # once per optimizer step in total
+                objective = objective + reg / recipe.grad_accum
+            objective.backward()
             total += float(loss_sum.detach())
         if distributed is not None:
             total = distributed.sum(total)
@@ -233,6 +238,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True, distri
             torch.nn.utils.clip_grad_norm_(api.trainable_parameters(run.model), opt.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        _after_step(run.model, step + 1, steps)
         step += 1
         tokens_seen += sum(int(b["tokens"]) for b in global_batches)
         elapsed = time.perf_counter() - started
@@ -263,6 +269,32 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True, distri
     if distributed is not None:
         distributed.barrier()
     return results
+
+
+def _after_step(model: torch.nn.Module, step: int, total: int) -> None:
+    """Per-adapter training hooks (rank allocation, freezing, restarts) after every optimizer step."""
+    from ..core.slot import slots_of
+
+    by_adapter: dict[str, dict] = {}
+    for path, _, slot in slots_of(model):
+        for name, delta in slot.items():
+            by_adapter.setdefault(name, {})[path] = delta
+    for deltas in by_adapter.values():
+        first = next(iter(deltas.values()))
+        if type(first).after_step.__func__ is not Delta.after_step.__func__:
+            type(first).after_step(deltas, step, total)
+
+
+def _initialize(run: Run, stream: BatchStream, recipe: Recipe) -> None:
+    """A data-driven initialisation on the first training batches; the data stream starts again afterwards."""
+    import importlib
+
+    spec = recipe.initialize
+    batches = [stream.next() for _ in range(spec.batches)]
+    stream.seek({"epoch": 0, "index": 0})
+    module = importlib.import_module("deltatune.algorithms.inits")
+    with run.autocast():
+        module.initialize(run.model, ADAPTER, spec.name, batches, **spec.options)
 
 
 def _data_files(recipe: Recipe) -> list[str]:

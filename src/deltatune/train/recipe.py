@@ -47,16 +47,27 @@ class DataSpec:
 
 @dataclasses.dataclass
 class OptimizerSpec:
-    """Attributes: name (adamw), lr, weight_decay, betas, eps, lora_plus_ratio (B-side lr multiplier; 1 = off),
-    grad_clip (max gradient norm; null = off)."""
+    """Attributes: name (a registered optimizer: adamw, ...), lr, weight_decay, betas, eps, lora_plus_ratio (B-side
+    lr multiplier; 1 = off), grad_clip (max gradient norm; null = off), options (extra arguments of the optimizer)."""
 
-    name: Literal["adamw"] = "adamw"
+    name: str = "adamw"
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     lora_plus_ratio: float = 1.0
     grad_clip: Union[float, None] = 1.0
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class InitSpec:
+    """Attributes: name (a data-driven initialisation, e.g. eva; null = none), batches (training batches it reads),
+    options (its extra arguments)."""
+
+    name: Union[str, None] = None
+    batches: int = 8
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -102,6 +113,7 @@ class Recipe:
     model: smollm2-135m | minilm-l6 | a local transformers directory.
     method: a registered method; delta: its config fields (targets, r, ...).
     init_from: start from this saved adapter (a new run on top of it; not a resume).
+    initialize: a data-driven initialisation run on training batches before the first step.
     batch_size, grad_accum: micro-batch rows and micro-batches per optimizer step.
     steps / epochs: run length (steps wins when both are set).
     precision: auto (bf16 autocast where the CPU has native bf16, else fp32) | fp32 | bf16.
@@ -115,6 +127,7 @@ class Recipe:
     method: str = "lora"
     delta: dict[str, Any] = dataclasses.field(default_factory=dict)
     init_from: Union[str, None] = None
+    initialize: InitSpec = dataclasses.field(default_factory=InitSpec)
     data: DataSpec = dataclasses.field(default_factory=DataSpec)
     batch_size: int = 8
     grad_accum: int = 1
@@ -150,6 +163,10 @@ class Recipe:
             raise DeltatuneError(f"recipe: data.max_length must be >= 8, got {self.data.max_length}")
         if self.optimizer.lr <= 0 or self.optimizer.lora_plus_ratio <= 0:
             raise DeltatuneError("recipe: optimizer.lr and optimizer.lora_plus_ratio must be > 0")
+        from .optimizers import OPTIMIZERS
+
+        if self.optimizer.name not in OPTIMIZERS:
+            raise DeltatuneError(f"recipe: unknown optimizer {self.optimizer.name!r}; valid: {', '.join(OPTIMIZERS)}")
         method_config(self.method, **self.delta)  # unknown method or field: an error listing the valid ones
         if self.model not in EMBEDDED and not Path(self.model).expanduser().is_dir():
             raise DeltatuneError(f"recipe: unknown model {self.model!r}: not an embedded model "

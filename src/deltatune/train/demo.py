@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .train.demo_task import DATA_DIR
-from .train.loop import train
-from .train.recipe import load_recipe
+from .demo_task import DATA_DIR
+from .loop import train
+from .recipe import load_recipe
 
 DEMO_RECIPE = DATA_DIR / "demo.yaml"
 

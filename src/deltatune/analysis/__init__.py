@@ -1,0 +1,1 @@
+"""Looking inside deltas (spectra, intruder dimensions, comparisons) and a searchable store of adapters."""

@@ -1,0 +1,5 @@
+"""Composition methods."""
+
+ROWS = [
+    ("fusion", "fusion", {"temperature": 2.0}),
+]
