@@ -51,3 +51,15 @@ def test_every_method_cites_its_paper_with_a_link():
         assert re.search(link, spec.paper), name
         doc = __import__(spec.delta.__module__, fromlist=["_"]).__doc__ or ""
         assert re.search(link, doc), f"{spec.delta.__module__} docstring must cite the paper"
+
+
+def test_subpackages_do_not_shadow_the_public_api():
+    """Importing every subpackage must leave deltatune's public functions in place (a subpackage named like a
+    function replaces it as a package attribute)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.walk_packages(deltatune.__path__, "deltatune."):
+        importlib.import_module(info.name)
+    for name in deltatune.__all__:
+        assert not type(getattr(deltatune, name)).__name__ == "module", f"deltatune.{name} is shadowed by a module"

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _command_packages():
     """Each package above `methods` registers its own subcommands (explicit list, imported lazily)."""
     from .analysis.commands import add_commands as analysis_commands
-    from .merge.commands import add_commands as merge_commands
+    from .merging.commands import add_commands as merge_commands
     from .serve.commands import add_commands as serve_commands
     from .train.commands import add_commands as train_commands
 

@@ -1,4 +1,4 @@
-"""Subcommands of the merge package (registered on the `deltatune` parser by cli.py)."""
+"""Subcommands of the merging package (registered on the `deltatune` parser by cli.py)."""
 
 from __future__ import annotations
 
