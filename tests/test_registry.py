@@ -59,7 +59,8 @@ def test_subpackages_do_not_shadow_the_public_api():
     import importlib
     import pkgutil
 
+    before = {name: getattr(deltatune, name) for name in deltatune.__all__}
     for info in pkgutil.walk_packages(deltatune.__path__, "deltatune."):
         importlib.import_module(info.name)
-    for name in deltatune.__all__:
-        assert not type(getattr(deltatune, name)).__name__ == "module", f"deltatune.{name} is shadowed by a module"
+    for name, value in before.items():
+        assert getattr(deltatune, name) is value, f"deltatune.{name} was replaced by importing a subpackage"
