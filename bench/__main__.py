@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-BENCHMARKS = ["lora_overhead", "train_speed", "methods"]
+BENCHMARKS = ["lora_overhead", "train_speed", "methods", "merge"]
 PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 
 

@@ -102,6 +102,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
 
 
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from .leaderboard import leaderboard
+
+    only = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    rows = leaderboard(args.recipe, args.out, all_methods=args.all, only=only, extra=args.set,
+                       markdown_path=args.markdown)
+    failed = [r["name"] for r in rows if "error" in r]
+    print(f"{len(rows)} runs, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
+          f"table: {args.out}/leaderboard.md")
+    return 0
+
+
 def add_commands(sub) -> None:
     """Register this package's subcommands on the `deltatune` parser."""
     p = sub.add_parser("train", help="fine-tune a model from a YAML recipe",
@@ -145,3 +157,15 @@ def add_commands(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("leaderboard", help="train every method the same way and rank them",
+                       description="Trains each method (default: a representative subset plus LoRA+ and the LoRA "
+                                   "initialisations; --all: every registered method) with the recipe's model, data, "
+                                   "steps and seed, each in its own process, and writes one JSON per run and a "
+                                   "markdown table.")
+    _add_recipe_args(p)
+    p.add_argument("--all", action="store_true", help="every registered method")
+    p.add_argument("--methods", help="comma-separated method names instead of the default subset")
+    p.add_argument("--out", default="runs/leaderboard", help="output directory (default: runs/leaderboard)")
+    p.add_argument("--markdown", help="also write the table here (e.g. docs/leaderboard.md)")
+    p.set_defaults(func=_cmd_leaderboard)

@@ -262,6 +262,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True, distri
                 save_adapter(run.model, out / HEAD, name=HEAD)
     if is_main:
         results["peak_rss_bytes"] = peak_rss_bytes()
+        results["trainable_parameters"] = sum(p.numel() for p in api.trainable_parameters(run.model))
         results["train_seconds"] = time.perf_counter() - started
         results["tokens_per_s"] = tokens_seen / max(results["train_seconds"], 1e-9)
         plot_curves(out / "metrics.jsonl", out / "loss.png")
