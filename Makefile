@@ -1,4 +1,4 @@
-# Two entry points: `make demo` and `make test`. Both build .venv on first use.
+# Entry points: `make demo` and `make test` (plus `make leaderboard`). All build .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test
+.PHONY: demo test leaderboard
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,3 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup
+
+# Every method trained the same way on the demo task (default subset ~15 min; LEADERBOARD_ARGS=--all for all).
+leaderboard: $(STAMP)
+	$(VENV)/bin/deltatune leaderboard recipes/demo.yaml --out runs/leaderboard --markdown docs/leaderboard.md $(LEADERBOARD_ARGS)
