@@ -41,7 +41,7 @@ def test_unknown_field_lists_valid_ones():
         ({"r": 0}, r"r must be > 0"),
         ({"r": True}, r"lora.r must be int"),
         ({"dropout": 1.5}, r"dropout must be in \[0, 1\)"),
-        ({"init": "pissa"}, r"lora.init must be 'default' \| 'gaussian' \| 'random'"),
+        ({"init": "pisa"}, r"lora.init must be 'default' \| 'gaussian' \| 'random' \| 'pissa'"),
         ({"targets": 3}, r"lora.targets must be"),
         ({"targets": []}, r"targets is an empty list"),
         ({"rank_pattern": {"q": "x"}}, r"rank_pattern must be"),

@@ -26,6 +26,8 @@ A method subclasses `Delta` and provides:
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -122,6 +124,12 @@ class Delta(nn.Module):
     def after_step(cls, deltas: dict[str, "Delta"], step: int, total_steps: int) -> None:
         """Called by the trainer after every optimizer step with one adapter's deltas ({module path: delta}), for
         methods that reallocate rank, freeze, prune or restart during training (AdaLoRA, DyLoRA, COLA, ...)."""
+
+    @classmethod
+    def training_batch(cls, model: nn.Module, batch: dict) -> contextlib.AbstractContextManager:
+        """A context the trainer enters around one training batch's forward, once per delta class in the model
+        (ReFT: which positions are the prompt's, so training edits the positions that generation edits)."""
+        return contextlib.nullcontext()
 
     def regularization_loss(self) -> Tensor | None:
         """A term the trainer adds to the loss while this delta trains (e.g. AdapterFusion's value-identity

@@ -27,6 +27,7 @@ from .config import DeltaConfig
 from .errors import DeltatuneError
 from .registry import config_from_dict, list_methods, spec_of
 from .slot import Host, get_state, require_state, slots_of
+from .targeting import find_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -108,8 +109,10 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     for path, module, slot in slots_of(model):
         if name in slot:
             host = Host(module, slot)
+            bare = getattr(slot[name], "peft_bare_keys", ())  # PEFT's path-less keys (prompt_embeddings)
             for suffix, tensor in slot[name].state_tensors(host).items():
-                out[f"{PREFIX}{path}.{suffix}"] = tensor.detach().to("cpu").contiguous().clone()
+                key = suffix if suffix in bare else f"{PREFIX}{path}.{suffix}"
+                out[key] = tensor.detach().to("cpu").contiguous().clone()
     shared = shared_of(model, name)
     if shared is not None:
         delta_cls = spec_of(require_state(model).adapters[name].config).delta
@@ -231,6 +234,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     config = config_from_adapter_json(raw, str(directory))
     spec = spec_of(config)
     where = str(directory)
+    tensors = _place_bare_keys(model, tensors, config, raw, where)
     by_path, unplaced = _group_by_module(model, tensors, spec, where)
     paths = (raw.get("deltatune") or {}).get("paths") or sorted(by_path)
     _check_paths(model, paths, spec, where)
@@ -249,6 +253,22 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     if not trainable:
         set_trainable(model, name, False)
     return model
+
+
+def _place_bare_keys(model: nn.Module, tensors: dict[str, torch.Tensor], config: DeltaConfig, raw: dict[str, Any],
+                     where: str) -> dict[str, torch.Tensor]:
+    """PEFT writes a prompt-learning adapter's tensor with no module path (`prompt_embeddings`): key such tensors
+    under the one module the method sits on (the recorded path, else where the config places it)."""
+    spec = spec_of(config)
+    bare = set(getattr(spec.delta, "peft_bare_keys", ())) & set(tensors)
+    if not bare:
+        return tensors
+    paths = (raw.get("deltatune") or {}).get("paths") or find_targets(model, config, spec.accepts,
+                                                                      ", ".join(spec.hosts))
+    if len(paths) != 1:
+        raise DeltatuneError(f"{where}: tensor {sorted(bare)[0]!r} names no module and {spec.name} sits on "
+                             f"{len(paths)} modules ({_few(paths)}); save it with deltatune to record the module")
+    return {(f"{PREFIX}{paths[0]}.{k}" if k in bare else k): v for k, v in tensors.items()}
 
 
 def _check_paths(model: nn.Module, paths: list[str], spec, where: str) -> None:

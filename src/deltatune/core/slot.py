@@ -201,13 +201,13 @@ class DeltaSlot(nn.ModuleDict):
     def _apply(self, module: nn.Module, args: tuple, kwargs: dict, output):
         state = self.state
         if state.rows is not None:
-            return self._per_row(module, _first_input(args, kwargs), output)
+            return self._per_row(module, first_input(args, kwargs), output)
         if state.block is not None:
-            return state.block.apply(self, _first_input(args, kwargs), output, Host(module, self, output))
+            return state.block.apply(self, first_input(args, kwargs), output, Host(module, self, output))
         chain = [d for n in state.active if (d := self._modules.get(n)) is not None and n not in self.merged_names]
         if not chain:
             return None
-        x = _first_input(args, kwargs)
+        x = first_input(args, kwargs)
         host = Host(module, self, output)
         y = output
         for i, delta in enumerate(chain):
@@ -306,7 +306,7 @@ class DeltaSlot(nn.ModuleDict):
         return name
 
 
-def _first_input(args: tuple, kwargs: dict) -> Tensor:
+def first_input(args: tuple, kwargs: dict) -> Tensor:
     if args:
         return args[0]
     for key in ("input", "x", "hidden_states", "input_ids"):

@@ -17,13 +17,13 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from ..core.errors import DeltatuneError
 from ..core.delta import Delta
+from ..core.errors import DeltatuneError
 from ..core.hosts import CONV_KINDS, HostInfo, from_matrix, per_channel, to_matrix
 from ..core.registry import register_method
 from ..core.slot import Host
 from .factored import gathered_output, row_factors, rows_per_channel, slot_index
-from .lora import LoraConfig, LoraDelta, lora_matrix
+from .lora import LoraConfig, LoraDelta
 from .lora_peft import lora_peft_format
 
 
@@ -47,11 +47,12 @@ class DoraDelta(LoraDelta):
         self.magnitude = nn.Parameter(torch.ones(info.out_features))
 
     def setup(self, host: Host) -> None:
+        super().setup(host)
         self.magnitude.copy_(self._column_norm(host))
 
     def _column_norm(self, host: Host) -> Tensor:
         weight = to_matrix(self.info, host.weight()).to(self.lora_A.dtype)
-        combined = weight + lora_matrix(self.lora_A, self.lora_B, self.scaling).detach()
+        combined = weight + self.update_matrix().detach()
         return torch.linalg.norm(combined, dim=1)
 
     def rescale(self, host: Host) -> Tensor:
@@ -69,7 +70,7 @@ class DoraDelta(LoraDelta):
 
     def delta_weight(self, host: Host) -> Tensor:
         weight = to_matrix(self.info, host.weight()).to(self.lora_A.dtype)
-        combined = weight + lora_matrix(self.lora_A, self.lora_B, self.scaling)
+        combined = weight + self.update_matrix()
         k = self.magnitude / torch.linalg.norm(combined, dim=1)
         return from_matrix(self.info, k.unsqueeze(1) * combined - weight)
 

@@ -205,6 +205,10 @@ class FactoredDelta(Delta):
         """(down (k, fan_in), up (out_features, k)) in the delta's dtype, ΔW = up @ down."""
         raise NotImplementedError(f"{type(self).__name__} must give its factors")
 
+    def factor_state(self) -> tuple:
+        """What the factors depend on besides tensors (e.g. a rank chosen at run time), for the kernel cache."""
+        return ()
+
     def dropped(self, x: Tensor) -> Tensor:
         return dropped_input(self, x)
 
@@ -288,7 +292,7 @@ def _versions(delta: Delta, host: Host) -> tuple:
         tensors += [*delta.shared.parameters(), *delta.shared.buffers()]
     if delta.uses_base_weight:
         tensors.append(base_weight_parameter(host.module))
-    return (id(delta), *((t._version, t.data_ptr()) for t in tensors))
+    return (id(delta), *delta.factor_state(), *((t._version, t.data_ptr()) for t in tensors))
 
 
 def stack_factors(deltas: list[FactoredDelta], host: Host) -> tuple[Tensor, Tensor, Tensor | None]:

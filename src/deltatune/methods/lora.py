@@ -7,6 +7,11 @@
 Update rule (matrix view, W of shape out × in):  W' = W + s·B·A,  s = alpha / r  (rsLoRA: s = alpha / √r).
 Init: A Kaiming-uniform (a = √5), B = 0, so the model is unchanged at step 0. "gaussian": A normal with std 1/r,
 B = 0 (as PEFT). "random": A and B both Kaiming-uniform (a non-identity start, for tests and PEFT parity).
+Inits read from the base weight ("pissa", "milora", "olora", "nlora", "loftq"; see `lora_init`) or computed from
+data by `deltatune.algorithms.inits.initialize` ("eva", "corda_ipm", "corda_kpm", "lora_ga", "lora_one") start A
+and B non-zero. The papers subtract s·B₀·A₀ from the base weight; deltatune keeps the base and a frozen copy
+(A₀, B₀) instead: ΔW = s·(B·A − B₀·A₀), zero at step 0. Such an adapter is saved as a plain LoRA of rank 2r
+relative to the original base, A' = [A; A₀], B' = [B, −B₀] (PEFT's `path_initial_model_for_weight_conversion`).
 Shapes: Linear / Conv1D A (r, in), B (out, r); Embedding A (r, vocab), B (dim, r); ConvNd A (r, in, *k),
 B (out, r, 1, ..., 1) — A is a convolution with the host's kernel, stride and padding, B a 1×1 convolution.
 Options: dropout on the LoRA input; `lora_bias` adds a trainable bias to B (PEFT's lora_B.bias); `bias="lora_only"`
@@ -19,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +32,15 @@ from torch import Tensor, nn
 
 from ..core.config import DeltaConfig
 from ..core.errors import DeltatuneError
-from ..core.hosts import CONV_KINDS, HostInfo, from_matrix, per_channel
+from ..core.hosts import CONV_KINDS, HostInfo, from_matrix, per_channel, to_matrix
 from ..core.registry import register_method
 from ..core.slot import Host
 from .factored import FactoredDelta, check_rank_and_dropout, down_project, fuse_update, kaiming_
+from .lora_init import DATA_FREE, WITH_OFFSET, check_init_options, data_free_factors
 from .lora_peft import lora_peft_format
+
+LoraInit = Literal["default", "gaussian", "random", "pissa", "milora", "olora", "nlora", "loftq", "eva", "corda_ipm",
+                   "corda_kpm", "lora_ga", "lora_one"]
 
 
 def pattern_value(patterns: dict, path: str, default):
@@ -49,26 +58,32 @@ class LoraConfig(DeltaConfig):
     alpha: scaling numerator (s = alpha / r, or alpha / √r with use_rslora).
     dropout: dropout probability on the LoRA branch's input.
     use_rslora: rank-stabilised scaling alpha / √r.
-    init: "default" (Kaiming A, zero B), "gaussian" (N(0, 1/r) A, zero B) or "random" (non-zero B; tests).
+    init: "default" (Kaiming A, zero B), "gaussian" (N(0, 1/r) A, zero B), "random" (non-zero B; tests), a
+        data-free init read from the base weight (pissa, milora, olora, nlora, loftq) or a data-driven one that
+        `deltatune.algorithms.inits.initialize` computed (eva, corda_ipm, corda_kpm, lora_ga, lora_one).
     bias: "none" or "lora_only" (train a bias update on adapted layers that have a bias).
     lora_bias: add a trainable bias to B.
     rank_pattern: module-path regex -> rank, overriding r.
     alpha_pattern: module-path regex -> alpha, overriding alpha.
+    init_options: options of the data-free init (pissa: niter; nlora: seed; loftq: bits, iters, quantizer,
+        block_size).
     """
 
     r: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
     use_rslora: bool = False
-    init: Literal["default", "gaussian", "random"] = "default"
+    init: LoraInit = "default"
     bias: Literal["none", "lora_only"] = "none"
     lora_bias: bool = False
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    init_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         super().validate()
         check_rank_and_dropout(self, self.r, self.dropout, self.rank_pattern)
+        check_init_options(self.method, self.init, self.init_options)
 
     def rank_for(self, path: str) -> int:
         return pattern_value(self.rank_pattern, path, self.r)
@@ -103,11 +118,12 @@ def lora_matrix(lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
 
 
 class LoraDelta(FactoredDelta):
-    """y = base(x) + s·B(A(dropout(x))) (+ Δb).
+    """y = base(x) + s·B(A(dropout(x))) (+ Δb), or s·(B·A − B₀·A₀) with an init that starts non-zero.
 
     A factored delta (down = A, up = s·B in the matrix view) with its own forward: convolutions run A as a real
     convolution with the host's kernel and B as a 1×1 one, and the scaling rides on the fused addmm. Mixed batches
-    use the shared gathered kernel (`FactoredDelta.per_row`)."""
+    use the shared gathered kernel (`FactoredDelta.per_row`). With an offset, A and B are concatenated with the frozen
+    A₀ and −B₀ (rank 2r), so every path stays one low-rank product."""
 
     fast_parameters = ("lora_B",)
 
@@ -128,7 +144,18 @@ class LoraDelta(FactoredDelta):
         out = info.out_features
         self.lora_B_bias = nn.Parameter(torch.zeros(out)) if config.lora_bias else None
         self.bias_delta = nn.Parameter(torch.zeros(out)) if config.bias == "lora_only" and info.has_bias else None
+        with_offset = config.init in WITH_OFFSET  # frozen start (A₀, B₀), saved inside the rank-2r factors
+        if with_offset:
+            self._check_offset_applies()
+        self.register_buffer("offset_A", torch.zeros(a_shape) if with_offset else None, persistent=False)
+        self.register_buffer("offset_B", torch.zeros(b_shape) if with_offset else None, persistent=False)
         self.reset_parameters(config.init)
+
+    def _check_offset_applies(self) -> None:
+        """Inits with a frozen start need the plain B·A product (DoRA keeps it; KaSA's ΔΣ does not)."""
+        if type(self).factors is not LoraDelta.factors or type(self).down is not LoraDelta.down:
+            raise DeltatuneError(f"{self.config.method}: init={self.config.init!r} is only available for LoRA, rsLoRA, "
+                                 "DoRA and methods built on their B·A product; use init='default'")
 
     def reset_parameters(self, init: str) -> None:
         with torch.no_grad():
@@ -141,20 +168,45 @@ class LoraDelta(FactoredDelta):
             else:
                 nn.init.zeros_(self.lora_B)
 
+    def setup(self, host: Host) -> None:
+        if self.config.init in DATA_FREE:
+            weight = to_matrix(self.info, host.weight()).detach()
+            down, up = data_free_factors(self.config.init, weight, self.r, self.scaling, self.config.init_options,
+                                         self.path)
+            self.set_start(down, up)
+
+    def set_start(self, down: Tensor, up: Tensor) -> None:
+        """Start from A = down (r, fan_in), B = up (out, r) in the matrix view; with an offset the delta stays zero."""
+        with torch.no_grad():
+            self.lora_A.copy_(down.reshape(self.lora_A.shape))
+            self.lora_B.copy_(up.reshape(self.lora_B.shape))
+            if self.offset_A is not None:
+                self.offset_A.copy_(self.lora_A)
+                self.offset_B.copy_(self.lora_B)
+
+    def ab(self) -> tuple[Tensor, Tensor]:
+        """(A, B) in the host layout, concatenated with the frozen (A₀, −B₀) when the init starts non-zero."""
+        if self.offset_A is None:
+            return self.lora_A, self.lora_B
+        return torch.cat([self.lora_A, self.offset_A]), torch.cat([self.lora_B, -self.offset_B], dim=1)
+
     # ---- math ---------------------------------------------------------------------------------------------------
     def down(self, x: Tensor, host: Host) -> Tensor:
-        """A(x): (..., r) for Linear / Conv1D / Embedding, (batch, r, *spatial) for convolutions."""
+        """A(x): (..., r) for Linear / Conv1D / Embedding, (batch, r, *spatial) for convolutions (2r with an
+        offset)."""
+        lora_a = self.ab()[0]
         if self.info.kind in CONV_KINDS:
-            return host.module._conv_forward(x.to(self.lora_A.dtype), self.lora_A, None)
-        return down_project(x, self.lora_A, host)
+            return host.module._conv_forward(x.to(lora_a.dtype), lora_a, None)
+        return down_project(x, lora_a, host)
 
     def lora_output(self, x: Tensor, host: Host) -> Tensor:
         """s·B(A(x)) in the host's output layout (x already dropped out), without bias terms."""
         h = self.down(x, host)
+        lora_b = self.ab()[1]
         if self.info.kind in CONV_KINDS:
             conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.info.kernel_size) - 1]
-            return conv(h, self.lora_B) * self.scaling
-        return F.linear(h, self.lora_B) * self.scaling
+            return conv(h, lora_b) * self.scaling
+        return F.linear(h, lora_b) * self.scaling
 
     def forward(self, x: Tensor, y: Tensor, host: Host) -> Tensor:
         bias = self.delta_bias(host)
@@ -162,13 +214,19 @@ class LoraDelta(FactoredDelta):
             out = y + self.lora_output(self.dropped(x), host).to(y.dtype)
             return out if bias is None else out + per_channel(self.info, bias.to(y.dtype), out.ndim)
         # y + s·h·Bᵀ as one fused addmm, in place when allowed (see Host.may_overwrite).
-        return fuse_update(y, self.down(self.dropped(x), host), self.lora_B, host, self.scaling, bias)
+        return fuse_update(y, self.down(self.dropped(x), host), self.ab()[1], host, self.scaling, bias)
 
     def factors(self, host: Host) -> tuple[Tensor, Tensor]:
-        return self.lora_A.reshape(self.r, -1), self.lora_B.reshape(-1, self.r) * self.scaling
+        lora_a, lora_b = self.ab()
+        k = lora_a.shape[0]
+        return lora_a.reshape(k, -1), lora_b.reshape(-1, k) * self.scaling
+
+    def update_matrix(self) -> Tensor:
+        """s·B·A (− s·B₀·A₀) in the matrix view (out, fan_in)."""
+        return lora_matrix(*self.ab(), self.scaling)
 
     def delta_weight(self, host: Host) -> Tensor:
-        return from_matrix(self.info, lora_matrix(self.lora_A, self.lora_B, self.scaling))
+        return from_matrix(self.info, self.update_matrix())
 
     def delta_bias(self, host: Host) -> Tensor | None:
         parts = []
@@ -189,7 +247,8 @@ class LoraDelta(FactoredDelta):
     # ---- on disk: PEFT's tensor names ---------------------------------------------------------------------------
     def state_tensors(self, host: Host) -> dict[str, Tensor]:
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if self.info.kind == "embedding" else _AB_KEYS
-        out = {a_key: self.lora_A, b_key: self.lora_B}
+        lora_a, lora_b = self.ab()  # with an offset: the rank-2r plain LoRA relative to the original base
+        out = {a_key: lora_a, b_key: lora_b}
         if self.lora_B_bias is not None:
             out["lora_B.bias"] = self.lora_B_bias
         if self.bias_delta is not None:  # PEFT stores the trained bias itself
@@ -197,19 +256,25 @@ class LoraDelta(FactoredDelta):
         return {k: v.detach() for k, v in out.items()}
 
     def load_state_tensors(self, tensors: dict[str, Tensor], host: Host) -> None:
-        targets = {
-            "lora_A.weight": self.lora_A,
-            "lora_embedding_A": self.lora_A,
-            "lora_B.weight": self.lora_B,
-            "lora_embedding_B": self.lora_B,
-            "lora_B.bias": self.lora_B_bias,
-        }
+        targets = {"lora_B.bias": self.lora_B_bias}
         with torch.no_grad():
             for key, value in tensors.items():
                 if key == "base_layer.bias":
                     self.bias_delta.copy_(value - host.bias().to(value.dtype))
+                elif key in ("lora_A.weight", "lora_embedding_A"):
+                    self._load_factor(value, self.lora_A, self.offset_A, dim=0)
+                elif key in ("lora_B.weight", "lora_embedding_B"):
+                    self._load_factor(value, self.lora_B, self.offset_B, dim=1, sign=-1.0)
                 else:
                     targets[key].copy_(value)
+
+    def _load_factor(self, value: Tensor, trained: Tensor, offset: Tensor | None, dim: int, sign: float = 1.0) -> None:
+        if offset is None:
+            trained.copy_(value)
+            return
+        first, second = value.split(self.r, dim=dim)
+        trained.copy_(first)
+        offset.copy_(second * sign)
 
 
 PAPER_LORA = "LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., 2021) https://arxiv.org/abs/2106.09685"

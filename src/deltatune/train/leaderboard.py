@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.config import DeltaConfig
 from ..core.errors import DeltatuneError
 from ..core.io import atomic_write_files
 from ..core.registry import get_method, list_methods
@@ -36,7 +37,8 @@ class Entry:
 
 def method_entry(method: str, targets) -> Entry:
     spec = get_method(method)
-    fields = {"targets": targets} if "linear" in spec.hosts else {}
+    places_itself = spec.config.default_targets is not DeltaConfig.default_targets  # bottleneck, prompt, ReFT
+    fields = {"targets": targets} if "linear" in spec.hosts and not places_itself else {}
     return Entry(method, (f"method={method}", f"delta={json.dumps(fields)}"), spec.family)
 
 

@@ -155,7 +155,12 @@ def lr_factor(step: int, total: int, recipe: Recipe) -> float:
 
 
 def micro_loss(step_module: torch.nn.Module, run: Run, batch: dict):
-    with run.autocast():
+    from ..core.slot import slots_of
+
+    delta_classes = {type(d) for _, _, slot in slots_of(run.model) for d in slot.values()}
+    with run.autocast(), contextlib.ExitStack() as stack:
+        for cls in delta_classes:  # per-batch contexts some methods need (ReFT's prompt positions)
+            stack.enter_context(cls.training_batch(run.model, batch))
         return step_module(batch)
 
 
@@ -238,7 +243,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True, distri
             torch.nn.utils.clip_grad_norm_(api.trainable_parameters(run.model), opt.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _after_step(run.model, step + 1, steps)
+        _after_step(run.model, optimizer, step + 1, steps)
         step += 1
         tokens_seen += sum(int(b["tokens"]) for b in global_batches)
         elapsed = time.perf_counter() - started
@@ -272,7 +277,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True, distri
     return results
 
 
-def _after_step(model: torch.nn.Module, step: int, total: int) -> None:
+def _after_step(model: torch.nn.Module, optimizer, step: int, total: int) -> None:
     """Per-adapter training hooks (rank allocation, freezing, restarts) after every optimizer step."""
     from ..core.slot import slots_of
 
@@ -283,7 +288,9 @@ def _after_step(model: torch.nn.Module, step: int, total: int) -> None:
     for deltas in by_adapter.values():
         first = next(iter(deltas.values()))
         if type(first).after_step.__func__ is not Delta.after_step.__func__:
-            type(first).after_step(deltas, step, total)
+            restarted = type(first).after_step(deltas, step, total)
+            for param in restarted or ():
+                optimizer.state.pop(param, None)  # COLA: a restarted LoRA starts with fresh moments
 
 
 def _initialize(run: Run, stream: BatchStream, recipe: Recipe) -> None:

@@ -33,7 +33,16 @@ def build_adamw(model: nn.Module, spec) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=tuple(spec.betas), eps=spec.eps, **spec.options)
 
 
+def registered() -> dict[str, Builder]:
+    """Every optimizer, including those `deltatune.algorithms` registers (lorafa, lora_pro, galore, lisa, ...)."""
+    import importlib
+
+    importlib.import_module("deltatune.algorithms")  # imported late: the algorithms build on this module
+    return OPTIMIZERS
+
+
 def build_optimizer(model: nn.Module, spec) -> torch.optim.Optimizer:
-    if spec.name not in OPTIMIZERS:
-        raise one_of("optimizer", spec.name, OPTIMIZERS)
-    return OPTIMIZERS[spec.name](model, spec)
+    optimizers = registered()
+    if spec.name not in optimizers:
+        raise one_of("optimizer", spec.name, optimizers)
+    return optimizers[spec.name](model, spec)

@@ -163,10 +163,11 @@ class Recipe:
             raise DeltatuneError(f"recipe: data.max_length must be >= 8, got {self.data.max_length}")
         if self.optimizer.lr <= 0 or self.optimizer.lora_plus_ratio <= 0:
             raise DeltatuneError("recipe: optimizer.lr and optimizer.lora_plus_ratio must be > 0")
-        from .optimizers import OPTIMIZERS
+        from .optimizers import registered
 
-        if self.optimizer.name not in OPTIMIZERS:
-            raise DeltatuneError(f"recipe: unknown optimizer {self.optimizer.name!r}; valid: {', '.join(OPTIMIZERS)}")
+        optimizers = registered()
+        if self.optimizer.name not in optimizers:
+            raise DeltatuneError(f"recipe: unknown optimizer {self.optimizer.name!r}; valid: {', '.join(optimizers)}")
         method_config(self.method, **self.delta)  # unknown method or field: an error listing the valid ones
         if self.model not in EMBEDDED and not Path(self.model).expanduser().is_dir():
             raise DeltatuneError(f"recipe: unknown model {self.model!r}: not an embedded model "

@@ -76,7 +76,8 @@ def plot_curves(metrics_path: Path, png_path: Path) -> Path | None:
             right.plot(*zip(*points), "o-", label=key)
     right.set_xlabel("optimizer step")
     right.set_ylim(-0.02, 1.02)
-    right.legend()
+    if right.get_legend_handles_labels()[1]:  # no metric points without evaluations
+        right.legend()
     fig.tight_layout()
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=90)
