@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-BENCHMARKS = ["lora_overhead", "train_speed", "methods", "merge"]
+BENCHMARKS = ["lora_overhead", "train_speed", "methods", "merge", "serve"]
 PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 
 

@@ -55,7 +55,7 @@ def _command_packages():
 # allocations alternate between page-faulting mmaps and the heap; pinning it keeps them on the heap (~10 % faster
 # steps on CPU). Long-running commands re-exec themselves once with it set (DELTATUNE_NO_MALLOC_PINNING=1: off).
 PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
-HEAVY_COMMANDS = {"train", "demo", "eval", "chat", "generate", "leaderboard",
+HEAVY_COMMANDS = {"train", "demo", "eval", "chat", "generate", "leaderboard", "serve",
                   "merge", "combine", "convert", "export"}
 
 
