@@ -43,12 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_packages():
     """Each package above `methods` registers its own subcommands (explicit list, imported lazily)."""
+    import functools
+
     from .analysis.commands import add_commands as analysis_commands
     from .merging.commands import add_commands as merge_commands
     from .serve.commands import add_commands as serve_commands
+    from .store_routing import store_resolver
     from .train.commands import add_commands as train_commands
 
-    return [train_commands, merge_commands, serve_commands, analysis_commands]
+    # serve and analysis never import each other: `serve --store` gets the store's resolver from here
+    serve_with_store = functools.partial(serve_commands, store_resolver=store_resolver)
+    return [train_commands, merge_commands, serve_with_store, analysis_commands]
 
 
 # glibc moves its mmap threshold as large blocks are freed, so a training step's many activation-sized

@@ -3,6 +3,12 @@
 Routes: GET /health; GET /v1/models[/{id}]; POST /v1/completions and /v1/chat/completions (`stream: true` answers
 with server-sent events); GET /v1/adapters, POST /v1/adapters/load and /v1/adapters/unload (API key required).
 Every error is a JSON body `{"error": {...}}` with a 4xx / 5xx status; nothing a request sends can stop the server.
+
+Routed requests: with a `Settings.resolver`, a request whose "model" is `Settings.routed_model` ("store:auto", a
+name no adapter can have) asks the resolver for an adapter for its text; the adapter it names is registered like
+any other (LRU applies) and the request runs as an ordinary row of the mixed batch. The resolver runs on the
+engine thread (it may change the model, e.g. compose an adapter); the header `x-deltatune-adapter` says which
+adapter answered.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -29,6 +36,10 @@ from .protocol import ApiError, Completion, Limits, Reply, parse, usage
 
 log = logging.getLogger("deltatune.serve")
 
+ROUTED_MODEL = "store:auto"
+# (requested model name, the request's text) -> (adapter name, adapter directory), or None: nothing fits
+Resolver = Callable[[str, str], tuple[str, str | Path] | None]
+
 
 @dataclass
 class Settings:
@@ -37,6 +48,8 @@ class Settings:
     max_concurrent: int = 64  # requests queued or running; more get 429
     max_body_bytes: int = 1 << 20
     limits: Limits = field(default_factory=Limits)
+    resolver: Resolver | None = None  # picks the adapter of requests for `routed_model` (see the module doc)
+    routed_model: str = ROUTED_MODEL
 
 
 class Gate:
@@ -82,6 +95,8 @@ def create_app(engine: Engine, settings: Settings) -> Starlette:
 
     async def models(request: HttpRequest) -> Response:
         cards = [model_card(settings.base_name, None)]
+        if settings.resolver is not None:
+            cards.append(model_card(settings.routed_model, settings.base_name))
         cards += [model_card(a["name"], settings.base_name) for a in store.listing()]
         return JSONResponse({"object": "list", "data": cards})
 
@@ -89,6 +104,8 @@ def create_app(engine: Engine, settings: Settings) -> Starlette:
         name = request.path_params["name"]
         if name == settings.base_name:
             return JSONResponse(model_card(name, None))
+        if settings.resolver is not None and name == settings.routed_model:
+            return JSONResponse(model_card(name, settings.base_name))
         if store.find(name) is None:
             raise ApiError(404, f"model {name!r} does not exist", "model", "model_not_found")
         return JSONResponse(model_card(name, settings.base_name))
@@ -102,16 +119,21 @@ def create_app(engine: Engine, settings: Settings) -> Starlette:
     async def _generate(request: HttpRequest, chat: bool) -> Response:
         body = await _read_json(request, settings.max_body_bytes)
         completion = parse(body, chat, settings.limits)
-        job = Request(_tokens(engine.tokenizer, completion, settings.limits), completion.params,
-                      _adapter_for(completion.model))
-        gate.enter()
+        ids = _tokens(engine.tokenizer, completion, settings.limits)
+        gate.enter()  # before routing: a routed request may compose an adapter, which must count as in flight
+        try:
+            job = Request(ids, completion.params, await _adapter_for(completion))
+        except BaseException:
+            gate.leave()
+            raise
         events = _EventChannel(asyncio.get_running_loop(), gate)
         job.emit = events.put
         engine.submit(job)
         reply = Reply(completion)
+        routed = {"x-deltatune-adapter": job.adapter} if completion.model == settings.routed_model else {}
         if completion.stream:
             return StreamingResponse(_sse(reply, events, engine, job, completion.include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", **routed})
         try:
             pieces = []
             async for event in events:
@@ -120,19 +142,38 @@ def create_app(engine: Engine, settings: Settings) -> Starlette:
                 pieces.append(event.text)
                 if event.finish_reason:
                     return JSONResponse(reply.full("".join(pieces), event.finish_reason,
-                                                   usage(event.prompt_tokens, len(event.completion_ids))))
+                                                   usage(event.prompt_tokens, len(event.completion_ids))),
+                                        headers=routed)
         finally:
             if not events.done:
                 engine.cancel(job.id)
         raise ApiError(500, "generation ended without a result")
 
-    def _adapter_for(model: str) -> str | None:
+    async def _adapter_for(completion: Completion) -> str | None:
+        model = completion.model
         if model == settings.base_name:
             return None
+        if settings.resolver is not None and model == settings.routed_model:
+            return await _routed_adapter(completion)
         if store.find(model) is None:
             raise ApiError(404, f"model {model!r} does not exist: use {settings.base_name!r} or an adapter listed "
                                 "by /v1/models", "model", "model_not_found")
         return model
+
+    async def _routed_adapter(completion: Completion) -> str:
+        """The resolver's adapter for this request, registered (on the engine thread: it may touch the model)."""
+        text = routing_text(completion)
+        try:
+            found = await asyncio.wrap_future(engine.call(lambda: settings.resolver(completion.model, text)))
+        except DeltatuneError as exc:
+            raise ApiError(422, f"no adapter could be routed for this request: {exc}", "model",
+                           "no_routed_adapter") from exc
+        if found is None:
+            raise ApiError(422, "no adapter could be routed for this request: the router found none for its "
+                                f"text; name an adapter or {settings.base_name!r} instead", "model",
+                           "no_routed_adapter")
+        name, directory = found
+        return store.register(name, directory).name
 
     async def list_adapters(request: HttpRequest) -> Response:
         return JSONResponse({"object": "list", "data": store.listing(), "max_loaded": store.max_loaded})
@@ -269,6 +310,14 @@ def _field(body: object, name: str) -> str:
     if not isinstance(value, str) or not value:
         raise ApiError(400, f"'{name}' is required (a string)", name)
     return value
+
+
+def routing_text(completion: Completion) -> str:
+    """What a router reads: the prompt, or for chat the last user message (the task at hand), else the last one."""
+    if isinstance(completion.prompt, str):
+        return completion.prompt
+    users = [m["content"] for m in completion.prompt if m["role"] == "user"]
+    return users[-1] if users else completion.prompt[-1]["content"]
 
 
 def _tokens(tokenizer, completion: Completion, limits: Limits) -> list[int]:

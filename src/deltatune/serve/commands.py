@@ -1,9 +1,15 @@
-"""Subcommands of the serve package (registered on the `deltatune` parser by cli.py): `deltatune serve`."""
+"""Subcommands of the serve package (registered on the `deltatune` parser by cli.py): `deltatune serve`.
+
+`--store` routing needs the adapter store, which lives in a sibling package that serve must not import: cli.py
+hands `add_commands` a `store_resolver` factory (store directory, access groups, base model, top-k, the served
+model) -> resolver (see `serve.app.Resolver`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ..core.errors import DeltatuneError
@@ -22,6 +28,23 @@ def adapter_pairs(values: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def store_groups(value: str) -> list[str]:
+    """Access groups from --store-groups g1,g2."""
+    groups = [g.strip() for g in value.split(",") if g.strip()]
+    if not groups:
+        raise DeltatuneError(f"--store-groups takes comma-separated group names, got {value!r}")
+    return groups
+
+
+def _resolver(args: argparse.Namespace, model):
+    if not getattr(args, "store", None):
+        return None
+    factory = getattr(args, "store_resolver", None)
+    if factory is None:
+        raise DeltatuneError("--store routing is not available in this build of deltatune (no store resolver)")
+    return factory(args.store, store_groups(args.store_groups), args.base, args.store_top_k, model)
+
+
 def build_server(args: argparse.Namespace):
     """(engine, settings) from the command line: the base model, its adapters and the limits."""
     import torch
@@ -38,13 +61,14 @@ def build_server(args: argparse.Namespace):
                          compute_dtype=torch.bfloat16 if model.dtype == torch.bfloat16 else torch.float32)
     for name, directory in pairs:
         store.register(name, directory)
+    resolver = _resolver(args, model)
     for name, _ in pairs[: args.max_loaded]:
         store.load_now(name)  # fail at start-up, not on the first request, if an adapter does not fit the base
     context = min(args.max_context, getattr(model.config, "max_position_embeddings", args.max_context))
     settings = Settings(base_name=Path(args.base).name if os.sep in args.base else args.base,
                         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                         max_concurrent=args.max_concurrent, max_body_bytes=args.max_body_bytes,
-                        limits=Limits(max_tokens=args.max_tokens, max_context=context))
+                        limits=Limits(max_tokens=args.max_tokens, max_context=context), resolver=resolver)
     engine = Engine(model, tokenizer, store, autocast=autocast, max_batch=args.max_batch)
     return engine, settings
 
@@ -69,8 +93,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub) -> None:
-    """Register this package's subcommands on the `deltatune` parser."""
+def add_commands(sub, store_resolver: Callable | None = None) -> None:
+    """Register this package's subcommands on the `deltatune` parser (`store_resolver`: see the module doc)."""
     p = sub.add_parser(
         "serve", help="serve a base model and many adapters behind an OpenAI-compatible HTTP API",
         description="One base model, many adapters, one server: /v1/completions and /v1/chat/completions (with "
@@ -83,6 +107,14 @@ def add_commands(sub) -> None:
                                           "through /v1/adapters/load); nothing outside it is read")
     p.add_argument("--max-loaded", type=_positive, default=8,
                    help="adapters kept on the model at once; the least recently used idle one is evicted (8)")
+    p.add_argument("--store", metavar="DIR",
+                   help="route requests for model \"store:auto\" over this adapter store: the adapters whose "
+                        "descriptions best match the request are composed into one LoRA (cached in the store) "
+                        "and served")
+    p.add_argument("--store-groups", default="public", metavar="G1,G2",
+                   help="access groups of the server's users: routing only sees adapters these groups may see "
+                        "(public)")
+    p.add_argument("--store-top-k", type=_positive, default=2, metavar="K", help="adapters composed per routed request (2)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help=f"required as 'Authorization: Bearer KEY'; enables adapter management "
@@ -96,4 +128,4 @@ def add_commands(sub) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 where the CPU has native bf16, as deltatune generate")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.set_defaults(func=_cmd_serve)
+    p.set_defaults(func=_cmd_serve, store_resolver=store_resolver)
