@@ -202,6 +202,7 @@ def test_increlora_inactive_triplets_get_no_gradient():
 
 
 def test_elalora_moves_rank_between_modules_at_a_constant_budget():
+    torch.manual_seed(0)  # whether a triplet moves depends on the random importances: fix them (4/20 seeds keep all)
     model, x, _ = _attach("elalora", init_r=2, max_r=4, change=2, delta_t=1, total_step=20)
     deltas = _deltas(model)
     _train(model, x, 2, 20)
