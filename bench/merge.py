@@ -1,7 +1,7 @@
 """TIES merge of three SmolLM2-135M-shaped models (random weights, bf16 safetensors): deltatune vs mergekit.
 
 Both run the same YAML (base + two models, density 0.5, dtype bfloat16), each variant in its own process so peak
-RSS is its own (`ru_maxrss` read by the process at the end). Wall time is the whole process (start-up and imports
+RSS is its own (VmHWM read by the process at the end). Wall time is the whole process (start-up and imports
 included, what a user waits for) and the merge call alone. Targets: time ≤ 0.5× mergekit's, peak RSS ≤ mergekit's.
 The outputs are compared tensor by tensor: deltatune computes half-precision merges in float32 and rounds once
 (mergekit computes in bf16), and bf16 magnitudes tie often at the density threshold, so some entries differ by a
@@ -25,13 +25,13 @@ from bench.common import environment, smollm2_shaped, write
 
 _RUNNER = {
     "deltatune": """
-import resource, sys, time
+import sys, time
 t0 = time.perf_counter()
 from deltatune.merging import load_merge_config, run_merge
 run_merge(load_merge_config(sys.argv[1]), sys.argv[2])
 """,
     "mergekit": """
-import resource, sys, time, yaml
+import sys, time, yaml
 t0 = time.perf_counter()
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
@@ -42,8 +42,9 @@ run_merge(config, sys.argv[2], MergeOptions(copy_tokenizer=False, quiet=True, wr
 }
 _REPORT = """
 import json
-print(json.dumps({"merge_s": time.perf_counter() - t0,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+merge_s = time.perf_counter() - t0
+from deltatune.train.report import peak_rss_bytes  # VmHWM: ru_maxrss would include the parent's peak
+print(json.dumps({"merge_s": merge_s, "peak_rss_mb": peak_rss_bytes() / 2**20}))
 """
 
 

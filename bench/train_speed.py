@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS, environment, write
+from deltatune.train.report import peak_rss_bytes
 
 VARIANTS = ["peft_fp32", "peft_bf16_autocast", "deltatune_fp32", "deltatune_default"]
 BATCH = 8
@@ -94,7 +94,7 @@ def _timed(step, batches: list[dict], warmup: int) -> dict:
         tokens += int(batch["tokens"])
     seconds = time.perf_counter() - start
     return {"tokens_per_s": tokens / seconds, "seconds_per_step": seconds / (len(batches) - warmup),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss_bytes(),
             "steps": len(batches) - warmup, "tokens": tokens}
 
 

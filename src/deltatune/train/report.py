@@ -119,7 +119,15 @@ def manifest(recipe_dict: dict, data_files: list[str]) -> dict[str, Any]:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
+    """Peak resident memory of this process so far. Linux: VmHWM of the current address space, because ru_maxrss
+    survives exec and so also counts the peak of a parent process that forked and exec'd this one."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
