@@ -189,3 +189,15 @@ def test_inside_compositions():
             stacked = model(x).logits
         with deltatune.use(model, ["lora", "reft"]):
             torch.testing.assert_close(model(x).logits, stacked)
+
+
+def test_the_trainer_enters_the_training_context_for_reft_only():
+    """The trainer wraps each micro-batch in `training_batch` of the delta classes that override it: ReFT here,
+    not LoRA (whose batches need nothing)."""
+    from deltatune.train.loop import batch_context_classes
+
+    model, _ = make("llama")
+    deltatune.attach(model, deltatune.config("lora", r=2, targets=["q_proj"]), name="lora")
+    assert batch_context_classes(model) == []
+    deltatune.attach(model, deltatune.config("loreft", r=2), name="reft")
+    assert batch_context_classes(model) == [deltatune.get_method("loreft").delta]

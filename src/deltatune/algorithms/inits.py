@@ -55,7 +55,6 @@ class InitPlan:
 
 
 InitFn = Callable[..., InitPlan]
-DATA_FREE_INITS = tuple(DATA_FREE)  # read from the base weight at attach time (pissa, milora, olora, nlora, loftq)
 INITS: dict[str, InitFn] = {}
 
 

@@ -234,7 +234,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     config = config_from_adapter_json(raw, str(directory))
     spec = spec_of(config)
     where = str(directory)
-    tensors = _place_bare_keys(model, tensors, config, raw, where)
+    tensors = _place_bare_keys(model, tensors, config, spec, raw, where)
     by_path, unplaced = _group_by_module(model, tensors, spec, where)
     paths = (raw.get("deltatune") or {}).get("paths") or sorted(by_path)
     _check_paths(model, paths, spec, where)
@@ -255,11 +255,10 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     return model
 
 
-def _place_bare_keys(model: nn.Module, tensors: dict[str, torch.Tensor], config: DeltaConfig, raw: dict[str, Any],
-                     where: str) -> dict[str, torch.Tensor]:
+def _place_bare_keys(model: nn.Module, tensors: dict[str, torch.Tensor], config: DeltaConfig, spec,
+                     raw: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
     """PEFT writes a prompt-learning adapter's tensor with no module path (`prompt_embeddings`): key such tensors
     under the one module the method sits on (the recorded path, else where the config places it)."""
-    spec = spec_of(config)
     bare = set(getattr(spec.delta, "peft_bare_keys", ())) & set(tensors)
     if not bare:
         return tensors

@@ -21,6 +21,7 @@ from ..core.config import DeltaConfig
 from ..core.errors import DeltatuneError
 from ..core.io import atomic_write_files
 from ..core.registry import get_method, list_methods
+from ..methods.lora_init import DATA_FREE
 from .recipe import load_recipe
 from .report import read_metrics
 
@@ -66,11 +67,7 @@ def entries(recipe_targets, all_methods: bool, only: list[str] | None) -> list[E
 
 def init_entries(targets, all_inits: bool) -> list[Entry]:
     """LoRA with each data-free initialisation (read from the base weight): PiSSA by default, all with --all."""
-    try:
-        from ..methods.lora_init import DATA_FREE  # noqa: PLC0415 - the init module lands with issue 5
-    except ImportError:
-        return []
-    names = sorted(DATA_FREE) if all_inits else [n for n in DEFAULT_INITS if n in DATA_FREE]
+    names = sorted(DATA_FREE) if all_inits else DEFAULT_INITS
     return [Entry(f"lora init={name}", ("method=lora", f"delta={json.dumps({'targets': targets, 'init': name})}"),
                   "initialisation") for name in names]
 

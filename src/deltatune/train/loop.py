@@ -154,12 +154,18 @@ def lr_factor(step: int, total: int, recipe: Recipe) -> float:
     return spec.min_lr_ratio + (1.0 - spec.min_lr_ratio) * shape
 
 
-def micro_loss(step_module: torch.nn.Module, run: Run, batch: dict):
+def batch_context_classes(model: torch.nn.Module) -> list[type[Delta]]:
+    """The delta classes in the model that need a context around each training batch (ReFT's prompt positions):
+    those overriding `Delta.training_batch`. Found once per run, not on every micro-batch."""
     from ..core.slot import slots_of
 
-    delta_classes = {type(d) for _, _, slot in slots_of(run.model) for d in slot.values()}
+    classes = {type(d) for _, _, slot in slots_of(model) for d in slot.values()}
+    return [c for c in classes if c.training_batch.__func__ is not Delta.training_batch.__func__]
+
+
+def micro_loss(step_module: torch.nn.Module, run: Run, batch: dict, context_classes: list[type[Delta]]):
     with run.autocast(), contextlib.ExitStack() as stack:
-        for cls in delta_classes:  # per-batch contexts some methods need (ReFT's prompt positions)
+        for cls in context_classes:
             stack.enter_context(cls.training_batch(run.model, batch))
         return step_module(batch)
 
@@ -217,6 +223,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True, distri
     if latest is None and recipe.eval.before and run.eval_examples:
         results["before"] = _evaluate(run, log, step, distributed)
     bar = _progress(progress and is_main, steps, step)
+    context_classes = batch_context_classes(run.model)
     best, started, tokens_seen = math.inf, time.perf_counter(), 0
     while step < steps:
         factor = lr_factor(step, steps, recipe)
@@ -228,7 +235,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True, distri
         step_module.train()
         total = 0.0
         for batch in local:
-            loss_sum, _, reg = micro_loss(step_module, run, batch)
+            loss_sum, _, reg = micro_loss(step_module, run, batch, context_classes)
             objective = loss_sum * world / max(n_tokens, 1)  # DDP averages over ranks; undo that
             if reg is not None:  # once per optimizer step in total
                 objective = objective + reg / recipe.grad_accum
