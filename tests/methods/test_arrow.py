@@ -30,6 +30,8 @@ def test_same_logits_as_peft_arrow(r, tmp_path):
     from peft.tuners.lora.arrow import create_arrow_model
     from peft.tuners.lora.config import ArrowConfig
 
+    # Fixed experts: at r=4 PEFT's 15 power iterations miss the top direction (< 0.99) for 4 of 12 seeds
+    torch.manual_seed(0)
     paths = peft_lora_library(tmp_path, r, count=3)
     ours, x = _ours_over(paths, top_k=2, temperature=0.5)
     expected = run(ours, x)
