@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import deltatune
 from deltatune import DeltatuneError
 from deltatune.train.leaderboard import leaderboard
 from train_helpers import demo_rows, make_tiny_llama, write_jsonl, write_recipe
@@ -35,3 +36,17 @@ def test_leaderboard_ranks_runs_and_records_failures(tmp_path):
     assert "| lora |" in table and "failed:" in table
     with pytest.raises(DeltatuneError, match="unknown method"):
         leaderboard(recipe, tmp_path / "board2", only=["nope"], echo=lambda *_: None)
+
+
+def test_all_runs_every_method_and_every_lora_initialisation():
+    from deltatune.algorithms.inits import INITS
+    from deltatune.methods.lora_init import DATA_FREE
+    from deltatune.train.leaderboard import entries
+
+    by_name = {e.name: e for e in entries("all-linear", all_methods=True, only=None)}
+    assert set(deltatune.list_methods()) <= set(by_name)
+    assert {f"lora init={n}" for n in DATA_FREE} <= set(by_name)
+    assert {f"lora initialize={n}" for n in INITS if n != "lora_sb"} <= set(by_name)
+    assert "initialize.name=eva" in by_name["lora initialize=eva"].overrides
+    default = {e.name for e in entries("all-linear", all_methods=False, only=None)}
+    assert "lora init=pissa" in default and not any("initialize=" in n for n in default)

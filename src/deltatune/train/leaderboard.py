@@ -47,6 +47,7 @@ def method_entry(method: str, targets) -> Entry:
 # LoHa (structure), LoRA+ (convergence) and PiSSA (initialisation). `--all` runs every method and every init.
 DEFAULT = ["lora", "dora", "vera", "loha"]
 DEFAULT_INITS = ["pissa"]
+INIT_BATCHES = 8  # training batches a data-driven init reads
 EXTRA_ENTRIES = {
     "lora+lora_plus": lambda targets: Entry(
         "lora + LoRA+ (ratio 16)", ("method=lora", f"delta={json.dumps({'targets': targets})}",
@@ -68,8 +69,19 @@ def entries(recipe_targets, all_methods: bool, only: list[str] | None) -> list[E
 def init_entries(targets, all_inits: bool) -> list[Entry]:
     """LoRA with each data-free initialisation (read from the base weight): PiSSA by default, all with --all."""
     names = sorted(DATA_FREE) if all_inits else DEFAULT_INITS
-    return [Entry(f"lora init={name}", ("method=lora", f"delta={json.dumps({'targets': targets, 'init': name})}"),
-                  "initialisation") for name in names]
+    out = [Entry(f"lora init={name}", ("method=lora", f"delta={json.dumps({'targets': targets, 'init': name})}"),
+                 "initialisation") for name in names]
+    return out + data_driven_init_entries(targets) if all_inits else out
+
+
+def data_driven_init_entries(targets) -> list[Entry]:
+    """LoRA with each data-driven initialisation (EVA, CorDA, LoRA-GA, LoRA-One), computed from the first
+    INIT_BATCHES training batches. LoRA-SB initialises its own method (`lora_sb`), not LoRA."""
+    from ..algorithms.inits import INITS  # imported late: the algorithms build on the trainer
+
+    return [Entry(f"lora initialize={name}", ("method=lora", f"delta={json.dumps({'targets': targets})}",
+                                              f"initialize.name={name}", f"initialize.batches={INIT_BATCHES}"),
+                  "initialisation (data-driven)") for name in sorted(INITS) if name != "lora_sb"]
 
 
 def run_entry(recipe_path: Path, entry: Entry, out_dir: Path, extra: list[str]) -> dict:
