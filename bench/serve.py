@@ -32,6 +32,18 @@ from bench.common import environment, write
 
 ADAPTERS, RANK, MAX_TOKENS, CONCURRENCY = 8, 16, 32, 32
 LLAMA_PYTHON_ENV = "DELTATUNE_BENCH_LLAMA_PYTHON"  # a python with llama-cpp-python[server], if not this one
+# llama.cpp's server with its "extra buffer types" off: on CPUs with AMX, ggml's AMX matmul segfaults in this VM
+# (SIGSEGV in ggml_backend_amx_mul_mat on the first decode); with them off it runs its AVX-512 kernels.
+LLAMA_SERVER = """
+import runpy, llama_cpp.llama_cpp as low
+default_params = low.llama_model_default_params
+def params():
+    p = default_params()
+    p.use_extra_bufts = False
+    return p
+low.llama_model_default_params = params
+runpy.run_module("llama_cpp.server", run_name="__main__")
+"""
 
 
 def make_adapters(root: Path, count: int) -> list[str]:
@@ -139,16 +151,52 @@ def _summary(requests: int, wall: float, tokens: list[int], latencies: list[floa
             "p95_s": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]}
 
 
+async def _decode_rate(url: str, jobs: list[tuple[str, str]]) -> dict:
+    """One request at a time: each job once whole (end-to-end latency, tokens) and once streamed, where the time
+    from the first text chunk to the end is decode time: decode tokens/s = sum(tokens - 1) / sum(decode time)."""
+    import httpx
+
+    latencies, tokens, decode_s, errors = [], [], 0.0, []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for prompt, model in jobs:
+            body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+            start = time.perf_counter()
+            response = await client.post(f"{url}/v1/completions", json=body)
+            if response.status_code != 200:
+                errors.append(response.status_code)
+                continue
+            latencies.append(time.perf_counter() - start)
+            tokens.append(response.json()["usage"]["completion_tokens"])
+            first = None
+            async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as stream:
+                async for line in stream.aiter_lines():
+                    if line.startswith("data: {") and first is None and json.loads(line[6:])["choices"][0]["text"]:
+                        first = time.perf_counter()
+            decode_s += time.perf_counter() - first
+    summary = _summary(len(jobs), sum(latencies), tokens, latencies, errors)
+    summary["decode_tokens_per_s"] = sum(t - 1 for t in tokens) / decode_s if decode_s else float("nan")
+    return summary
+
+
+def _serve_command(root: Path, port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "deltatune.cli", "serve", "--base", "smollm2-135m", "--adapter-root", str(root),
+            "--max-loaded", str(ADAPTERS), "--port", str(port), "--max-batch", str(CONCURRENCY),
+            "--max-concurrent", str(4 * CONCURRENCY), "--log-level", "warning", *extra]
+
+
 def deltatune_serve(root: Path, jobs, base_jobs) -> dict:
+    """The mixed-adapter load (bf16 weights), then the base model one request at a time, bf16 and --int8."""
+    base = [(p, "smollm2-135m") for p, _ in base_jobs]
     port = _free_port()
-    command = [sys.executable, "-m", "deltatune.cli", "serve", "--base", "smollm2-135m", "--adapter-root",
-               str(root), "--max-loaded", str(ADAPTERS), "--port", str(port), "--max-batch", str(CONCURRENCY),
-               "--max-concurrent", str(4 * CONCURRENCY), "--log-level", "warning"]
-    with server(command, port) as url:
+    with server(_serve_command(root, port), port) as url:
         asyncio.run(_load(url, jobs[:ADAPTERS], ADAPTERS))  # warm-up: loads every adapter once
         mixed = asyncio.run(_load(url, jobs, CONCURRENCY))
-        sequential_base = asyncio.run(_load(url, [(p, "smollm2-135m") for p, _ in base_jobs], 1))
-    return {"mixed": mixed, "base_one_at_a_time": sequential_base}
+        sequential_base = asyncio.run(_decode_rate(url, base))
+    port = _free_port()
+    with server(_serve_command(root, port, "--int8"), port) as url:
+        asyncio.run(_load(url, base[:1], 1))
+        int8_base = asyncio.run(_decode_rate(url, base))
+    return {"mixed": mixed, "base_one_at_a_time": sequential_base, "base_one_at_a_time_int8": int8_base}
 
 
 def llama_cpp(base_jobs) -> dict:
@@ -162,18 +210,19 @@ def llama_cpp(base_jobs) -> dict:
     entry = EMBEDDED["smollm2-135m"]
     gguf = _package_dir(entry, "smollm2-135m") / entry.relative
     port = _free_port()
-    command = [python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smollm2-135m",
-               "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(torch.get_num_threads()), "--n_ctx", "2048", "--verbose", "false"]
+    command = [python, "-c", LLAMA_SERVER, "--model", str(gguf), "--model_alias", "smollm2-135m", "--host",
+               "127.0.0.1", "--port", str(port), "--n_threads", str(torch.get_num_threads()), "--n_ctx", "2048",
+               "--verbose", "false"]
     try:
         with server(command, port) as url:
-            asyncio.run(_load(url, base_jobs[:1], 1))
-            result = asyncio.run(_load(url, base_jobs, 1))
+            base = [(p, "smollm2-135m") for p, _ in base_jobs]
+            asyncio.run(_load(url, base[:1], 1))
+            result = asyncio.run(_decode_rate(url, base))
     except RuntimeError as exc:
         return {"available": False, "reason": f"llama.cpp server failed: {exc}"}
     if not result["completion_tokens"]:
-        return {"available": False, "reason": f"every request to llama.cpp failed ({result['error_kinds']}); "
-                                              "llama-cpp-python crashed in llama_decode on this machine"}
-    return {"available": True, "weights": "Q4_1 GGUF (4-bit)", **result}
+        return {"available": False, "reason": f"every request to llama.cpp failed ({result['error_kinds']})"}
+    return {"available": True, "weights": "Q4_1 GGUF (4-bit), AVX-512, no AMX", **result}
 
 
 # ---- PEFT + transformers in this process ----------------------------------------------------------------------------
@@ -229,6 +278,28 @@ def peft_runs(root: Path, names: list[str], jobs, one_by_one: int, batched: int)
     return {"one_by_one": sequential, "batched": _summary(batched, time.perf_counter() - start, tokens, latencies, [])}
 
 
+@torch.no_grad()
+def int8_agreement(records: int = 20) -> dict:
+    """How exact --int8 is: teacher-forced next-token (top-1) agreement with the fp32 model on demo conversations,
+    beside the same figure for bf16 weights."""
+    from deltatune.train.demo_task import DATA_DIR
+    from deltatune.train.interactive import load_for_inference
+
+    reference, tokenizer, _ = load_for_inference("smollm2-135m", precision="fp32")
+    others = {"bf16": load_for_inference("smollm2-135m", precision="bf16")[0],
+              "int8": load_for_inference("smollm2-135m", precision="bf16", int8=True)[0]}
+    lines = (DATA_DIR / "train.jsonl").read_text().splitlines()[:records]
+    agree, total = dict.fromkeys(others, 0), 0
+    for line in lines:
+        text = tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        expected = reference(ids).logits.argmax(-1)
+        total += expected.numel()
+        for name, model in others.items():
+            agree[name] += int((model(ids).logits.argmax(-1) == expected).sum())
+    return {"tokens": total, **{f"{name}_vs_fp32": count / total for name, count in agree.items()}}
+
+
 # ---- the report -----------------------------------------------------------------------------------------------------
 def run(quick: bool = False) -> dict:
     requests, one_by_one, batched, base_requests = (64, 6, 32, 3) if quick else (500, 48, 128, 16)
@@ -242,9 +313,10 @@ def run(quick: bool = False) -> dict:
         peft = peft_runs(root, names, jobs, one_by_one, batched)
         print("PEFT:", json.dumps(peft), flush=True)
         llama = llama_cpp(base_jobs)
+        agreement = int8_agreement()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    results = {"deltatune_serve": ours, "peft": peft, "llama_cpp": llama,
+    results = {"deltatune_serve": ours, "peft": peft, "llama_cpp": llama, "int8_agreement": agreement,
                "settings": {"requests": requests, "adapters": ADAPTERS, "rank": RANK, "max_tokens": MAX_TOKENS,
                             "concurrency": CONCURRENCY, "peft_one_by_one_requests": one_by_one,
                             "peft_batched_requests": batched, "base_requests": base_requests}}
@@ -252,8 +324,9 @@ def run(quick: bool = False) -> dict:
     results["ratios"] = {
         "vs_peft_one_by_one": mixed["requests_per_s"] / peft["one_by_one"]["requests_per_s"],
         "vs_peft_batched": mixed["requests_per_s"] / peft["batched"]["requests_per_s"],
-        "base_tokens_per_s_vs_llama_cpp": (ours["base_one_at_a_time"]["tokens_per_s"] / llama["tokens_per_s"]
-                                           if llama.get("available") else None),
+        **{f"base_decode_{kind}_vs_llama_cpp": (ours[key]["decode_tokens_per_s"] / llama["decode_tokens_per_s"]
+                                                if llama.get("available") else None)
+           for kind, key in (("bf16", "base_one_at_a_time"), ("int8", "base_one_at_a_time_int8"))},
     }
     write("serve", {"environment": environment(), "results": results}, _table(results, quick))
     return results
@@ -278,13 +351,21 @@ def _table(r: dict, quick: bool) -> str:
     ratios = r["ratios"]
     lines += ["", (f"Throughput vs PEFT one by one: **{ratios['vs_peft_one_by_one']:.2f}×** (target ≥ 3×); "
                    f"vs PEFT batched: **{ratios['vs_peft_batched']:.2f}×** (target > 1×)."), "",
-              "Base model, one request at a time (end-to-end tokens/s, same prompt text):", "",
-              "| system | tokens/s | p50 latency (s) |", "|---|---|---|",
-              (f"| deltatune serve (bf16/fp32 weights) | {ours['base_one_at_a_time']['tokens_per_s']:.1f} | "
-               f"{ours['base_one_at_a_time']['p50_s']:.2f} |")]
+              ("Base model, one request at a time, same prompt text: decode tokens/s (streamed; first text chunk "
+               "to the end) and end-to-end tokens/s (prefill included):"), "",
+              "| system | decode tokens/s | end-to-end tokens/s | p50 latency (s) |", "|---|---|---|---|"]
+    base_rows = [("deltatune serve, bf16 weights", ours["base_one_at_a_time"]),
+                 ("deltatune serve --int8", ours["base_one_at_a_time_int8"])]
     if llama.get("available"):
-        lines.append(f"| llama.cpp server ({llama['weights']}) | {llama['tokens_per_s']:.1f} | {llama['p50_s']:.2f} |")
-        lines += ["", f"deltatune / llama.cpp: {ratios['base_tokens_per_s_vs_llama_cpp']:.2f}×"]
+        base_rows.append((f"llama.cpp server ({llama['weights']})", llama))
+    for name, m in base_rows:
+        lines.append(f"| {name} | {m['decode_tokens_per_s']:.1f} | {m['tokens_per_s']:.1f} | {m['p50_s']:.2f} |")
+    if llama.get("available"):
+        lines += ["", (f"Decode tokens/s vs llama.cpp: bf16 **{ratios['base_decode_bf16_vs_llama_cpp']:.2f}×**, "
+                       f"--int8 **{ratios['base_decode_int8_vs_llama_cpp']:.2f}×**.")]
     else:
         lines += ["", f"llama.cpp: not measured ({llama['reason']})"]
+    a = r["int8_agreement"]
+    lines += ["", (f"How exact --int8 is: next-token agreement with the fp32 model over {a['tokens']} teacher-forced "
+                   f"demo tokens: int8 {a['int8_vs_fp32']:.1%}, bf16 {a['bf16_vs_fp32']:.1%}.")]
     return "\n".join(lines) + "\n"

@@ -49,7 +49,9 @@ def make_engine(tiny_dir, adapter_root):
     made = []
 
     def make(precision: str = "fp32", max_loaded: int = 8, max_batch: int = 8, **kwargs):
-        model, tokenizer, autocast = load_for_inference(str(tiny_dir), None, precision)
+        """precision: fp32, bf16, or either with "+int8" (int8 base weights, as `serve --int8`)."""
+        precision, _, int8 = precision.partition("+")
+        model, tokenizer, autocast = load_for_inference(str(tiny_dir), None, precision, int8=bool(int8))
         dtype = torch.bfloat16 if model.dtype == torch.bfloat16 else torch.float32
         store = AdapterStore(model, adapter_root, max_loaded, compute_dtype=dtype)
         engine = Engine(model, tokenizer, store, autocast=autocast, max_batch=max_batch, **kwargs)

@@ -71,6 +71,23 @@ def test_a_real_server_answers_streams_and_survives_bad_requests(tiny_dir, adapt
     finally:
         process.terminate()
         process.wait(timeout=30)
+    assert process.returncode == 0, "SIGTERM stops the server cleanly"
+
+
+def test_a_port_in_use_is_one_error_line(tiny_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "deltatune.cli", "serve", "--base", str(tiny_dir), "--port", str(port),
+                   "--precision", "fp32", "--log-level", "critical"]
+        done = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                              timeout=120, check=False)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"deltatune: error: the HTTP server could not start on 127.0.0.1:{port} (see the log above); pick another "
+        "--port or --host")
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("args, words", [

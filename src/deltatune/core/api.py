@@ -11,7 +11,7 @@ from torch import nn
 from .compose import BatchSplit, Block, Node, Parallel, check_tree
 from .config import DeltaConfig
 from .errors import DeltatuneError, one_of
-from .hosts import host_info, module_info, placement_of
+from .hosts import host_info, mergeable_weight, module_info, placement_of
 from .delta import has_pre_forward
 from .registry import MethodSpec, spec_of
 from .slot import (
@@ -279,6 +279,9 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool
     targets = [(p, m, s) for p, m, s in slots_of(model)]
     _refuse_tied(model, targets, chosen)
     todo = [n for n in chosen if n not in _merged(model)]
+    for _, module, slot in targets:  # a quantised host anywhere refuses the merge before any weight changes
+        if any(n in slot for n in todo):
+            mergeable_weight(module)
     if safe:
         _check_finite(targets, todo)
     for _, module, slot in targets:

@@ -153,8 +153,17 @@ def read_base_weight(module: nn.Module) -> Tensor:
 
 
 def base_weight_parameter(module: nn.Module) -> nn.Parameter:
-    """The parameter that merging writes into."""
+    """The base layer's weight parameter (what the base weight's version is read from, what merging writes into)."""
     return module.weight
+
+
+def mergeable_weight(module: nn.Module) -> nn.Parameter:
+    """The parameter that merging writes into: a float weight (quantised layers cannot take a merge)."""
+    weight = base_weight_parameter(module)
+    if not weight.is_floating_point():
+        raise DeltatuneError(f"cannot merge into {type(module).__name__}: its weight is stored as {weight.dtype}; "
+                             "merge on the full-precision model, then quantise")
+    return weight
 
 
 def to_matrix(info: HostInfo, weight: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .delta import Delta, has_pre_forward
 from .errors import DeltatuneError
-from .hosts import HostInfo, apply_weight, base_weight_parameter, per_channel, read_base_weight
+from .hosts import HostInfo, apply_weight, mergeable_weight, per_channel, read_base_weight
 
 SLOT_ATTR = "deltatune"
 STATE_ATTR = "_deltatune_state"
@@ -275,7 +275,7 @@ class DeltaSlot(nn.ModuleDict):
         with torch.no_grad():
             delta_w = delta.delta_weight(host).detach()
             delta_b = delta.delta_bias(host)
-            param = base_weight_parameter(module)
+            param = mergeable_weight(module)
             param.add_(delta_w.to(param.dtype))
             if delta_b is not None:
                 delta_b = delta_b.detach()
@@ -294,7 +294,7 @@ class DeltaSlot(nn.ModuleDict):
         self.merged_names.discard(name)
         host = Host(module, self)
         with torch.no_grad():
-            param = base_weight_parameter(module)
+            param = mergeable_weight(module)
             delta_w = memo_w if memo_w is not None else self[name].delta_weight(host).detach()
             param.sub_(delta_w.to(param.dtype))
             if memo_b is not None:

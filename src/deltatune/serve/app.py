@@ -69,7 +69,9 @@ class Gate:
             self.count -= 1
 
 
-def create_app(engine: Engine, settings: Settings) -> Starlette:
+def create_app(engine: Engine, settings: Settings, *, engine_thread: bool = True) -> Starlette:
+    """The ASGI app. engine_thread: start the engine on its own thread with the app (and stop it after); False
+    when the caller runs the engine itself (`deltatune serve` runs it on the main thread)."""
     gate = Gate(settings.max_concurrent)
     store = engine.adapters
 
@@ -221,11 +223,13 @@ def create_app(engine: Engine, settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        engine.start()
+        if engine_thread:
+            engine.start()
         try:
             yield
         finally:
-            engine.stop()
+            if engine_thread:
+                engine.stop()
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_found})
     app.state.engine, app.state.gate, app.state.settings = engine, gate, settings

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..core.errors import DeltatuneError
+from ..core.quantized import CLI_HELP as INT8_HELP
 
 API_KEY_ENV = "DELTATUNE_API_KEY"
 
@@ -56,7 +57,7 @@ def build_server(args: argparse.Namespace):
     from .protocol import Limits
 
     pairs = adapter_pairs(args.adapter)
-    model, tokenizer, autocast = load_for_inference(args.base, None, args.precision)
+    model, tokenizer, autocast = load_for_inference(args.base, None, args.precision, args.int8)
     store = AdapterStore(model, args.adapter_root, args.max_loaded,
                          compute_dtype=torch.bfloat16 if model.dtype == torch.bfloat16 else torch.float32)
     for name, directory in pairs:
@@ -88,9 +89,40 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     engine, settings = build_server(args)
     if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"deltatune serve: warning: listening on {args.host} without an API key (set {API_KEY_ENV})")
-    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+    app = create_app(engine, settings, engine_thread=False)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    run_engine_and_http(engine, server)
+    if not server.started:
+        raise DeltatuneError(f"the HTTP server could not start on {args.host}:{args.port} (see the log above); "
+                             "pick another --port or --host")
     return 0
+
+
+def run_engine_and_http(engine, server) -> None:
+    """HTTP (uvicorn) on a second thread, the engine on this one (see `Engine.run_here`), until the server stops.
+    Ctrl-C or SIGTERM: uvicorn stops taking requests, and the engine finishes the ones in flight in its grace
+    period."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    http = threading.Thread(target=server.run, name="deltatune-http")
+    http.start()
+    try:
+        try:
+            engine.run_here(until=lambda: not http.is_alive())
+        except KeyboardInterrupt:
+            server.should_exit = True
+            engine.run_here(until=lambda: not http.is_alive())
+    finally:
+        server.should_exit = True
+        http.join()
+        engine.stop()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def add_commands(sub, store_resolver: Callable | None = None) -> None:
@@ -127,5 +159,6 @@ def add_commands(sub, store_resolver: Callable | None = None) -> None:
     p.add_argument("--max-body-bytes", type=_positive, default=1 << 20, help="largest request body (1 MiB)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 where the CPU has native bf16, as deltatune generate")
+    p.add_argument("--int8", action="store_true", help=INT8_HELP)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_cmd_serve, store_resolver=store_resolver)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..core.quantized import CLI_HELP as INT8_HELP
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
@@ -73,7 +75,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .interactive import generate_text, load_for_inference, prompt_ids
 
-    model, tokenizer, autocast = load_for_inference(args.base, args.adapter, args.precision)
+    model, tokenizer, autocast = load_for_inference(args.base, args.adapter, args.precision, args.int8)
     ids = prompt_ids(tokenizer, args.prompt, raw=args.raw)
     print(generate_text(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed, autocast=autocast))
@@ -83,7 +85,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from .interactive import chat_loop, load_for_inference
 
-    model, tokenizer, autocast = load_for_inference(args.base, args.adapter, args.precision)
+    model, tokenizer, autocast = load_for_inference(args.base, args.adapter, args.precision, args.int8)
     chat_loop(model, tokenizer, autocast=autocast, max_new_tokens=args.max_new_tokens, greedy=args.greedy)
     return 0
 
@@ -100,6 +102,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--int8", action="store_true", help=INT8_HELP)
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:

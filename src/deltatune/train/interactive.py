@@ -10,6 +10,7 @@ import torch
 from ..core import api
 from ..core.errors import DeltatuneError
 from ..core.io import CONFIG_NAME, load as load_adapter
+from ..core.quantized import quantize_int8
 from .evaluate import stop_token_ids
 from .loop import resolve_precision
 from .models import load_model
@@ -25,9 +26,12 @@ def adapter_dir(path: str | Path) -> Path:
     raise DeltatuneError(f"{str(path)!r} is neither an adapter directory nor a training output with adapter/")
 
 
-def load_for_inference(base: str, adapter: str | None = None, precision: str = "auto"):
+def load_for_inference(base: str, adapter: str | None = None, precision: str = "auto", int8: bool = False):
+    """(model, tokenizer, autocast) for generation; `int8`: base linear weights stored as int8 (core.quantized)."""
     name, autocast = resolve_precision(precision)
     model, tokenizer = load_model(base, dtype=torch.bfloat16 if name == "bf16" else torch.float32)
+    if int8:
+        quantize_int8(model)  # before the adapter: its own layers stay floats
     if adapter:
         load_adapter(model, adapter_dir(adapter))
     return model, tokenizer, autocast
