@@ -8,8 +8,12 @@ bf16), on the same machine, in one run:
   flight over HTTP. Throughput, p50 / p95 latency, errors.
 - PEFT one by one: `PeftModel.set_adapter` + `generate` per request (sequential, so a subset gives its throughput).
 - PEFT batched: `generate(adapter_names=...)` on left-padded batches of CONCURRENCY mixed-adapter requests.
-- base model, one request at a time, end-to-end tokens/s: deltatune serve vs llama.cpp's server
-  (`llama-cpp-python[server]`, the embedded Q4_1 GGUF file, same prompt text through /v1/completions).
+- base model, one request at a time: decode tokens/s (streamed: first text chunk to the end) and end-to-end
+  tokens/s, for deltatune serve (bf16, and --int8) and llama.cpp's server (`llama-cpp-python[server]`, the embedded
+  Q4_1 GGUF file, same prompt text through /v1/completions; a python with it installed via
+  DELTATUNE_BENCH_LLAMA_PYTHON). llama-cpp-python keeps the previous prompt's KV and reuses the common prefix (the
+  chat template's system prompt): that shortens its prefill, not its decode.
+- how exact --int8 is: next-token agreement with the fp32 model, beside bf16's.
 """
 
 from __future__ import annotations
