@@ -111,16 +111,16 @@ def run_engine_and_http(engine, server) -> None:
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     http = threading.Thread(target=server.run, name="deltatune-http")
-    http.start()
     try:
         try:
-            engine.run_here(until=lambda: not http.is_alive())
+            engine.run_here(until=lambda: not http.is_alive(), first=http.start)
         except KeyboardInterrupt:
             server.should_exit = True
             engine.run_here(until=lambda: not http.is_alive())
     finally:
         server.should_exit = True
-        http.join()
+        if http.is_alive():
+            http.join()
         engine.stop()
         signal.signal(signal.SIGTERM, previous)
 

@@ -130,13 +130,16 @@ class Engine:
             self.thread = threading.Thread(target=self._loop, name="deltatune-engine", daemon=True)
             self.thread.start()
 
-    def run_here(self, until: Callable[[], bool]) -> None:
-        """Run the engine loop on the calling thread until `until()` returns True (checked at least every second).
+    def run_here(self, until: Callable[[], bool], first: Callable[[], object] | None = None) -> None:
+        """Run the engine loop on the calling thread until `until()` returns True (checked at least every second);
+        `first` runs once the engine counts as running (requests and calls from other threads are queued).
 
         `deltatune serve` runs the engine on the main thread and HTTP on a second one: torch's OpenMP workers
-        answer the thread that loaded the model fastest; decoding from a second thread ran ~1.6x slower on CPU."""
+        answer the thread that loaded the model fastest; decoding from a second thread ran up to ~2x slower on CPU."""
         self.thread, self.stopping = threading.current_thread(), False
         try:
+            if first is not None:
+                first()
             while not self.stopping and not until():
                 self._iterate()
         finally:
