@@ -22,7 +22,7 @@ from .slot import get_state
 # torch's CPU kernel reads the reduction dimension in blocks of 16 (other widths crash it): such layers stay as they are
 K_MULTIPLE = 16
 COMPUTE_DTYPE = torch.bfloat16
-CLI_HELP = ("store the base model's linear weights as int8 (per output channel, weight-only): about 2x faster "
+CLI_HELP = ("store the base model's linear weights as int8 (per output channel, weight-only): about 1.6x faster "
             "one-sequence decoding on CPU, slower at large batches; outputs differ slightly from bf16")
 
 
