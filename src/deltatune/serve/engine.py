@@ -1,10 +1,10 @@
 """The serving engine: one thread owns the model and runs continuous batching over many adapters.
 
-Each iteration (`Engine.step`) runs queued management calls, admits waiting requests into free KV slots (their
-prompts prefilled together, up to a token budget), then runs one decode step for every running row at once. Rows
-carry their own adapter through `deltatune.per_sample` (the methods' gathered per-row kernels), their own position
-and their own KV slot (`kvcache.RaggedCache`), so a request joins a running batch at any step and leaves it as soon
-as it finishes. Greedy tokens are those of `model.generate` on the request alone (see `kvcache`).
+Each iteration (`Engine.step`) runs queued management calls, admits waiting requests into free KV slots (each
+prompt prefilled in its own forward, up to a token budget per step), then runs one decode step for every running
+row at once. Rows carry their own adapter through `deltatune.per_sample` (the methods' gathered per-row kernels),
+their own position and their own KV slot (`kvcache.RaggedCache`), so a request joins a running batch at any step
+and leaves it as soon as it finishes. Greedy tokens are those of `model.generate` on the request alone (see `kvcache`).
 
 Results go back through each request's `emit` callback, called on the engine thread (the HTTP layer hands them
 to its event loop). A failing forward fails the requests it carried, and the engine keeps serving.
@@ -88,7 +88,6 @@ class Engine:
         self.autocast = autocast or contextlib.nullcontext
         self.max_batch, self.prefill_budget = max_batch, prefill_budget
         self.eos = set(stop_token_ids(model, tokenizer))
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         params = inspect.signature(model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self.pool = KVPool(max_batch)
@@ -253,19 +252,18 @@ class Engine:
             self._prefill(batch)
 
     def _prefill(self, batch: list[_Sequence]) -> None:
-        """All new prompts in one forward, right-padded; each row writes and attends to its own tokens only."""
-        lengths = [len(s.request.prompt_ids) for s in batch]
-        ids = torch.full((len(batch), max(lengths)), self.pad_id, dtype=torch.long)
-        for i, seq in enumerate(batch):
-            ids[i, : lengths[i]] = torch.tensor(seq.request.prompt_ids)
-        positions = torch.arange(ids.shape[1]).expand_as(ids)
-        cache = RaggedCache(self.pool, [s.slot for s in batch], [0] * len(batch), lengths)
-        last = torch.tensor(lengths).unsqueeze(1) - 1
-        logits = self._forward(batch, ids, positions, cache, last)
-        self.stats["prefill_tokens"] += sum(lengths)
-        for seq, length in zip(batch, lengths):
+        """Each new prompt in a forward of its own. Prefilling prompts together (right-padded) is faster, but bf16
+        matmul kernels block their work by the number of rows they get, so a prompt prefilled beside others gets
+        other low bits than alone, and greedy tokens then drift (measured on SmolLM2: 1 request in 12 changed).
+        A decode step's matmuls (one row per sequence) give each row the same bits at any batch size."""
+        for seq in batch:
+            length = len(seq.request.prompt_ids)
+            ids = torch.tensor([seq.request.prompt_ids])
+            cache = RaggedCache(self.pool, [seq.slot], [0], [length])
+            logits = self._forward([seq], ids, torch.arange(length).unsqueeze(0), cache, 1)
+            self.stats["prefill_tokens"] += length
             seq.length = length
-        self._choose(batch, logits)
+            self._choose([seq], logits)
 
     def _decode(self) -> None:
         rows = list(self.running)
