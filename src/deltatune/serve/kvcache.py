@@ -6,8 +6,9 @@ slot, how many tokens it already has and how many new ones it brings (`RaggedCac
 
 Attention runs row by row on each sequence's exact keys (no padding, no mask), through transformers' own SDPA
 function with batch 1. That is exactly what `model.generate` computes for a single prompt, so a request's tokens do
-not depend on which other rows share its batch: the linear layers are row-independent and attention sees only the
-row's own cache. The model must use transformers' attention interface (`_supports_attention_backend`) and full
+not depend on which other rows share its batch: attention sees only the row's own cache, and the linear layers give
+each decode row the same bits at any batch size in bf16 (prompts are prefilled one per forward, see
+`Engine._prefill`; in fp32 MKL's kernels change with the row count, so there only the rounding can differ). The model must use transformers' attention interface (`_supports_attention_backend`) and full
 attention in every layer.
 """
 
