@@ -155,7 +155,9 @@ def add_commands(sub, store_resolver: Callable | None = None) -> None:
     p.add_argument("--max-context", type=_positive, default=8192, help="most prompt + new tokens per request")
     p.add_argument("--max-concurrent", type=_positive, default=64,
                    help="requests queued or running at once; more are answered 429 (64)")
-    p.add_argument("--max-batch", type=_positive, default=32, help="rows decoded together (KV slots) (32)")
+    p.add_argument("--max-batch", type=_positive, default=32,
+                   help="rows decoded together (KV slots) (32; above 32, bf16 kernels may change a row's low bits "
+                        "with the batch, so greedy output is no longer guaranteed identical to a request alone)")
     p.add_argument("--max-body-bytes", type=_positive, default=1 << 20, help="largest request body (1 MiB)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 where the CPU has native bf16, as deltatune generate")
