@@ -69,8 +69,9 @@ def greedy_runs(adapters: Path) -> dict:
 
 
 def test_smollm2_greedy_is_the_same_alone_mixed_and_as_generate(smollm2_adapters):
-    # a fresh process: late in a long pytest worker the same run took 10x as long (state left by earlier tests)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # its own process with passive OpenMP waiting: beside the other pytest worker on 2 cores, spinning OpenMP threads
+    # made this run 10x as long (380 s vs 28 s); the wait policy changes no numerics
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
     done = subprocess.run([sys.executable, __file__, str(smollm2_adapters)], env=env, capture_output=True, text=True,
                           timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
