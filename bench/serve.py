@@ -176,6 +176,9 @@ async def _decode_rate(url: str, jobs: list[tuple[str, str]]) -> dict:
                 async for line in stream.aiter_lines():
                     if line.startswith("data: {") and first is None and json.loads(line[6:])["choices"][0]["text"]:
                         first = time.perf_counter()
+            if first is None:  # a failed or empty stream: no decode time to count
+                errors.append("stream without text")
+                continue
             decode_s += time.perf_counter() - first
     summary = _summary(len(jobs), sum(latencies), tokens, latencies, errors)
     summary["decode_tokens_per_s"] = sum(t - 1 for t in tokens) / decode_s if decode_s else float("nan")
@@ -190,16 +193,15 @@ def _serve_command(root: Path, port: int, *extra: str) -> list[str]:
 
 def deltatune_serve(root: Path, jobs, base_jobs) -> dict:
     """The mixed-adapter load (bf16 weights), then the base model one request at a time, bf16 and --int8."""
-    base = [(p, "smollm2-135m") for p, _ in base_jobs]
     port = _free_port()
     with server(_serve_command(root, port), port) as url:
         asyncio.run(_load(url, jobs[:ADAPTERS], ADAPTERS))  # warm-up: loads every adapter once
         mixed = asyncio.run(_load(url, jobs, CONCURRENCY))
-        sequential_base = asyncio.run(_decode_rate(url, base))
+        sequential_base = asyncio.run(_decode_rate(url, base_jobs))
     port = _free_port()
     with server(_serve_command(root, port, "--int8"), port) as url:
-        asyncio.run(_load(url, base[:1], 1))
-        int8_base = asyncio.run(_decode_rate(url, base))
+        asyncio.run(_load(url, base_jobs[:1], 1))
+        int8_base = asyncio.run(_decode_rate(url, base_jobs))
     return {"mixed": mixed, "base_one_at_a_time": sequential_base, "base_one_at_a_time_int8": int8_base}
 
 
@@ -219,9 +221,8 @@ def llama_cpp(base_jobs) -> dict:
                "--verbose", "false"]
     try:
         with server(command, port) as url:
-            base = [(p, "smollm2-135m") for p, _ in base_jobs]
-            asyncio.run(_load(url, base[:1], 1))
-            result = asyncio.run(_decode_rate(url, base))
+            asyncio.run(_load(url, base_jobs[:1], 1))
+            result = asyncio.run(_decode_rate(url, base_jobs))
     except RuntimeError as exc:
         return {"available": False, "reason": f"llama.cpp server failed: {exc}"}
     if not result["completion_tokens"]:
@@ -311,7 +312,7 @@ def run(quick: bool = False) -> dict:
     try:
         names = make_adapters(root, ADAPTERS)
         jobs = workload(requests, names)
-        base_jobs = jobs[:base_requests]
+        base_jobs = [(prompt, "smollm2-135m") for prompt, _ in jobs[:base_requests]]  # the base model, by name
         ours = deltatune_serve(root, jobs, base_jobs)
         print("deltatune serve:", json.dumps(ours), flush=True)  # long runs: show each part as it ends
         peft = peft_runs(root, names, jobs, one_by_one, batched)

@@ -112,11 +112,10 @@ def run_engine_and_http(engine, server) -> None:
     previous = signal.signal(signal.SIGTERM, interrupt)
     http = threading.Thread(target=server.run, name="deltatune-http")
     try:
-        try:
-            engine.run_here(until=lambda: not http.is_alive(), first=http.start)
-        except KeyboardInterrupt:
-            server.should_exit = True
-            engine.run_here(until=lambda: not http.is_alive())
+        engine.run_here(until=lambda: not http.is_alive(), first=http.start)
+    except KeyboardInterrupt:
+        server.should_exit = True
+        engine.run_here(until=lambda: not http.is_alive())
     finally:
         server.should_exit = True
         if http.is_alive():

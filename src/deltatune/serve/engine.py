@@ -4,7 +4,8 @@ Each iteration (`Engine.step`) runs queued management calls, admits waiting requ
 prompt prefilled in its own forward, up to a token budget per step), then runs one decode step for every running
 row at once. Rows carry their own adapter through `deltatune.per_sample` (the methods' gathered per-row kernels),
 their own position and their own KV slot (`kvcache.RaggedCache`), so a request joins a running batch at any step
-and leaves it as soon as it finishes. Greedy tokens are those of `model.generate` on the request alone (see `kvcache`).
+and leaves it as soon as it finishes. Greedy tokens are those of `model.generate` on the request alone (see
+`kvcache`).
 
 Results go back through each request's `emit` callback, called on the engine thread (the HTTP layer hands them
 to its event loop). A failing forward fails the requests it carried, and the engine keeps serving.

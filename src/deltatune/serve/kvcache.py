@@ -8,8 +8,8 @@ Attention runs row by row on each sequence's exact keys (no padding, no mask), t
 function with batch 1. That is exactly what `model.generate` computes for a single prompt, so a request's tokens do
 not depend on which other rows share its batch: attention sees only the row's own cache, and the linear layers give
 each decode row its bits alone in bf16 up to 32 rows per step (prompts are prefilled one per forward, see
-`Engine._prefill`; in fp32 MKL's kernels change with the row count, so there only the rounding can differ). The model must use transformers' attention interface (`_supports_attention_backend`) and full
-attention in every layer.
+`Engine._prefill`; in fp32 MKL's kernels change with the row count, so there only the rounding can differ). The
+model must use transformers' attention interface (`_supports_attention_backend`) and full attention in every layer.
 """
 
 from __future__ import annotations
